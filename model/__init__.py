@@ -1,0 +1,1 @@
+"""Hearth model: config, decoder, tokenizer and chat template, checkpoint I/O, quantized layers."""

@@ -1,0 +1,1 @@
+"""Hearth server: FastAPI app, OpenAI and Ollama protocols, and the inference engine."""

@@ -1,0 +1,1 @@
+"""Hearth trainer: data pipeline, pretraining, SFT, LoRA, distributed; also the `hearth` CLI."""
