@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "model.hf",  # import-hf, export-hf
     "model.quant",  # quantize
     "trainer.commands",  # pretrain, sft, eval, merge-lora
+    "trainer.sft_commands",  # sft, eval, merge-lora
     "server.cli",  # serve, chat, bench
 ]
 
