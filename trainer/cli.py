@@ -18,7 +18,8 @@ COMMAND_MODULES = [
     "model.quant",  # quantize
     "trainer.commands",  # pretrain, sft, eval, merge-lora
     "trainer.sft_commands",  # sft, eval, merge-lora
-    "server.cli",  # serve, chat, bench
+    "server.cli",  # serve
+    "server.ops_cli",  # chat, bench
 ]
 
 
