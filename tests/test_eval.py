@@ -11,10 +11,20 @@ import torch
 from conftest import FIXTURES
 from model.chat import encode_chat
 from model.checkpoint import load_checkpoint
-from trainer.cli import main
+from trainer import cli
 
 CHATS = FIXTURES / "chats_sample.jsonl"
 TEXT = FIXTURES / "shakespeare_sample.txt"
+
+
+@pytest.fixture(autouse=True)
+def only_sft_commands(monkeypatch):
+    """The real CLI entry point, isolated from other command modules."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["trainer.sft_commands"])
+
+
+def main(argv: list[str]) -> int:
+    return cli.main(argv)
 
 
 def run_eval(capsys, *argv) -> dict:
