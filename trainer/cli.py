@@ -16,7 +16,8 @@ COMMAND_MODULES = [
     "model.cli",  # generate
     "model.hf",  # import-hf, export-hf
     "model.quant",  # quantize
-    "trainer.commands",  # pretrain, sft, eval, merge-lora
+    "trainer.commands",  # pretrain
+    "trainer.sft_commands",  # sft, eval, merge-lora
     "trainer.sft_commands",  # sft, eval, merge-lora
     "server.cli",  # serve
     "server.ops_cli",  # chat, bench
