@@ -18,7 +18,6 @@ COMMAND_MODULES = [
     "model.quant",  # quantize
     "trainer.commands",  # pretrain
     "trainer.sft_commands",  # sft, eval, merge-lora
-    "trainer.sft_commands",  # sft, eval, merge-lora
     "server.cli",  # serve
     "server.ops_cli",  # chat, bench
 ]
