@@ -1,0 +1,8 @@
+"""`python -m server ...` is `hearth serve ...`."""
+
+import sys
+
+from trainer.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,282 @@
+"""Ollama wire format: request and response models as Ollama's API documents them.
+
+Design choices:
+- Sampling defaults are Ollama's documented ones (temperature 0.8, top_k 40,
+  top_p 0.9, repeat_penalty 1.1, num_predict -1 = until the context ends), so
+  a client moving from Ollama gets the behaviour it is used to.
+- `num_ctx` can shrink the context a request may use, never grow it past the
+  model's own limit.
+- Durations in responses are integers in nanoseconds, `created_at` is
+  RFC 3339 in UTC, as Ollama writes them.
+- Features this server cannot honour (images, tools, JSON `format`, custom
+  `template`, `suffix`) are refused with a 400 saying so; unknown options are
+  logged and ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.engine.types import InvalidRequestError, SamplingParams
+
+# Engine parameter name -> Ollama's name, for error messages.
+OLLAMA_PARAM_NAMES = {
+    "max_tokens": "options.num_predict",
+    "temperature": "options.temperature",
+    "top_k": "options.top_k",
+    "top_p": "options.top_p",
+    "min_p": "options.min_p",
+    "repetition_penalty": "options.repeat_penalty",
+    "presence_penalty": "options.presence_penalty",
+    "frequency_penalty": "options.frequency_penalty",
+    "stop": "options.stop",
+    "logprobs": "top_logprobs",
+}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class OllamaRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields: logged by the route, then ignored
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Options(OllamaRequest):
+    """The `options` object (Modelfile parameters); only the ones that apply here."""
+
+    num_ctx: int | None = Field(None, ge=1)
+    seed: int | None = None  # negative: random
+    num_predict: int | None = None  # -1: no limit, -2: fill the context
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = None
+    min_p: float | None = None
+    temperature: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: list[str] | str | None = None
+
+    def context_limit(self, model_limit: int) -> int:
+        return min(self.num_ctx or model_limit, model_limit)
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.num_predict == 0:
+            raise InvalidRequestError("options.num_predict", "options.num_predict must be at least 1 (or -1 for no limit)")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else default_max_tokens,
+            temperature=0.8 if self.temperature is None else self.temperature,
+            top_k=40 if self.top_k is None else self.top_k,
+            top_p=0.9 if self.top_p is None else self.top_p,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            repetition_penalty=1.1 if self.repeat_penalty is None else self.repeat_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed if self.seed is not None and self.seed >= 0 else None,
+            stop=stop,
+        )
+
+
+class Message(OllamaRequest):
+    role: str  # system, user, assistant
+    content: str = ""
+    images: list[Any] | None = None
+    thinking: str | None = None  # earlier reasoning (accepted, not templated)
+    tool_calls: list[Any] | None = None
+
+
+class GenerationFields(OllamaRequest):
+    """Fields common to /api/chat and /api/generate."""
+
+    def check_supported(self) -> None:
+        if self.format not in (None, ""):
+            raise InvalidRequestError(
+                "format", "format is not supported: this server does not constrain decoding, so it cannot guarantee JSON"
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        params = (self.options or Options()).to_sampling_params(default_max_tokens)
+        params.logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return params
+
+
+class ChatRequest(GenerationFields):
+    """POST /api/chat."""
+
+    model: str
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[Any] | None = None
+    format: Any = None  # "json" or a JSON schema: refused
+    options: Options | None = None
+    stream: bool = True
+    keep_alive: float | str | None = None  # accepted: models stay loaded
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise InvalidRequestError("tools", f"{self.model} does not support tools")
+        for index, message in enumerate(self.messages):
+            if message.images:
+                raise InvalidRequestError(f"messages[{index}].images", f"{self.model} does not support images (text only)")
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class GenerateRequest(GenerationFields):
+    """POST /api/generate."""
+
+    model: str
+    prompt: str = ""
+    suffix: str | None = None
+    images: list[Any] | None = None
+    format: Any = None
+    options: Options | None = None
+    system: str | None = None
+    template: str | None = None
+    stream: bool = True
+    raw: bool = False  # true: the prompt is used as is, without the chat template
+    keep_alive: float | str | None = None
+    context: list[int] | None = None  # token ids returned by a previous /api/generate (short memory)
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise InvalidRequestError("suffix", f"{self.model} does not support insert (suffix / fill-in-the-middle)")
+        if self.images:
+            raise InvalidRequestError("images", f"{self.model} does not support images (text only)")
+        if self.template:
+            raise InvalidRequestError("template", "a custom template is not supported; use raw: true with a formatted prompt")
+
+
+class ShowRequest(OllamaRequest):
+    """POST /api/show (`name` is the older spelling of `model`)."""
+
+    model: str | None = None
+    name: str | None = None
+    verbose: bool = False
+
+    @property
+    def model_name(self) -> str:
+        if not (self.model or self.name):
+            raise InvalidRequestError("model", "model is required")
+        return self.model or self.name or ""
+
+
+# --------------------------------------------------------------- responses
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class Logprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob] = Field(default_factory=list)
+
+
+class ResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: str = ""
+
+
+class ChatResponse(BaseModel):
+    """One /api/chat object; the statistics are set on the final one only (done true)."""
+
+    model: str
+    created_at: str
+    message: ResponseMessage
+    done: bool
+    done_reason: str | None = None  # stop | length | load
+    logprobs: list[Logprob] | None = None
+    total_duration: int | None = None  # nanoseconds, arrival to last token
+    load_duration: int | None = None  # nanoseconds spent loading the model for this request
+    prompt_eval_count: int | None = None  # prompt tokens
+    prompt_eval_duration: int | None = None  # nanoseconds
+    eval_count: int | None = None  # generated tokens
+    eval_duration: int | None = None  # nanoseconds
+
+
+class GenerateResponse(BaseModel):
+    """One /api/generate object; `context` and the statistics on the final one only."""
+
+    model: str
+    created_at: str
+    response: str
+    done: bool
+    done_reason: str | None = None
+    context: list[int] | None = None  # prompt + answer token ids, to pass back as `context`
+    logprobs: list[Logprob] | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ModelDetails(BaseModel):
+    parent_model: str = ""
+    format: str = "safetensors"
+    family: str = "llama"
+    families: list[str] = Field(default_factory=lambda: ["llama"])
+    parameter_size: str
+    quantization_level: str
+
+
+class ListedModel(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class ListResponse(BaseModel):
+    models: list[ListedModel]
+
+
+class RunningModel(BaseModel):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class ProcessResponse(BaseModel):
+    models: list[RunningModel]
+
+
+class ShowResponse(BaseModel):
+    modelfile: str
+    parameters: str
+    template: str
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class VersionResponse(BaseModel):
+    version: str
