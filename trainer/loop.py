@@ -457,7 +457,7 @@ class _Runner:
                 from model.checkpoint import save_checkpoint
 
                 save_checkpoint(self.out_dir, model_for_save, self.tokenizer, extra_metadata={"training": info},
-                                extra_files=extra_files)
+                                extra_files=extra_files, model_card=model_card(self.out_dir.name, info))
         barrier(self.context)
 
     def _state_files(self, optimizer_state: dict, final: bool) -> dict[str, Callable[[Path], None]]:
@@ -514,6 +514,20 @@ class _Runner:
                    if k in saved_config and _jsonish(saved_config[k]) != _jsonish(current[k])]
         if changed:
             self.log("note: resuming with changed settings: " + ", ".join(changed))
+
+
+def model_card(name: str, info: dict[str, Any]) -> str:
+    """A short README.md for a trained checkpoint, from its training info."""
+    how = f"`hearth {info['command']}`" if info.get("command") else "Hearth's trainer"
+    shape = f" (preset `{info['preset']}`, sequence length {info.get('seq_len')})" if info.get("preset") else ""
+    losses = [f"{label} {info[key]:.4f}" for label, key in (("train loss", "train_loss"), ("validation loss", "val_loss"))
+              if info.get(key) is not None]
+    card = (f"# {name}\n\nTrained with {how}{shape}: {info['steps']:,} steps, {info['tokens_seen']:,} tokens"
+            f"{'; ' + ', '.join(losses) if losses else ''}.\n")
+    sources = (info.get("data") or {}).get("sources") if isinstance(info.get("data"), dict) else None
+    if sources:
+        card += "\n## Data\n\n" + "".join(f"- `{s}`\n" for s in sources)
+    return card
 
 
 def _jsonish(value: Any) -> Any:
