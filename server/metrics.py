@@ -2,7 +2,7 @@
 
     metrics = Metrics()
     engines = {name: MeteredEngine(engine, name, metrics) for name, engine in engines.items()}
-    metrics.watch_engines(engines)                      # queue/KV gauges read at scrape time
+    metrics.watch_engines(lambda: engines)              # queue/KV gauges read at scrape time
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_route("/metrics", metrics.endpoint)
 
@@ -41,7 +41,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# The `*_created` timestamp series double the output and no dashboard uses them (process-wide switch).
+disable_created_metrics()
 
 access_log = logging.getLogger("hearth.access")
 
@@ -95,12 +99,13 @@ class Metrics:
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("hearth_inter_token_latency_seconds", "time between consecutive generated tokens",
                              ["model"], buckets=ITL_BUCKETS, registry=r)
-        self._engines: dict[str, Any] = {}
-        self.registry.register(_EngineStatsCollector(self._engines))
+        self._engine_sources: list[Callable[[], dict[str, Any]]] = []
+        self.registry.register(_EngineStatsCollector(self._engine_sources))
 
-    def watch_engines(self, engines: dict[str, Any]) -> None:
-        """Export `engine.stats()` of each model at every scrape."""
-        self._engines.update(engines)
+    def watch_engines(self, engines: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """Export `engine.stats()` of each model at every scrape; a callable is asked afresh each time
+        (models that finish loading later show up without re-registering)."""
+        self._engine_sources.append(engines if callable(engines) else (lambda: engines))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -114,8 +119,8 @@ class Metrics:
 class _EngineStatsCollector:
     """Gauges read from each engine's `stats()` snapshot when scraped."""
 
-    def __init__(self, engines: dict[str, Any]):
-        self.engines = engines
+    def __init__(self, sources: list[Callable[[], dict[str, Any]]]):
+        self.sources = sources
 
     def describe(self) -> list:
         return []  # unknown until the first scrape; tells the registry not to call collect() at register time
@@ -129,7 +134,8 @@ class _EngineStatsCollector:
             "hits": CounterMetricFamily("hearth_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                                         labels=["model"]),
         }
-        for name, engine in self.engines.items():
+        engines = {name: engine for source in self.sources for name, engine in source().items()}
+        for name, engine in engines.items():
             stats = engine.stats()
             families["waiting"].add_metric([name], stats.num_waiting)
             families["running"].add_metric([name], stats.num_running)
@@ -238,6 +244,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         record = RequestRecord(_request_id(scope["headers"]), scope["method"], scope["path"])
+        arrival_scope = dict(scope)  # routing rewrites path/root_path in place (mounts); keep the original
         token = _current_request.set(record)
         started = time.perf_counter()
 
@@ -255,10 +262,10 @@ class RequestMetricsMiddleware:
         finally:
             _current_request.reset(token)
             record.duration_ms = round((time.perf_counter() - started) * 1000, 2)
-            self._record(scope, record)
+            self._record(scope.get("route"), arrival_scope, record)
 
-    def _record(self, scope: dict, record: RequestRecord) -> None:
-        route = _route_template(scope)
+    def _record(self, route_object: Any, arrival_scope: dict, record: RequestRecord) -> None:
+        route = getattr(route_object, "path", None) or _route_template(arrival_scope)
         status = str(record.status or 499)  # 499: the client went away before any response
         self.metrics.requests.labels(route, record.method, status).inc()
         self.metrics.request_seconds.labels(route).observe(record.duration_ms / 1000)
@@ -276,10 +283,26 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 def _route_template(scope: dict) -> str:
-    route = scope.get("route")  # set by the router on the scope it was given, once it matched
-    path = getattr(route, "path", None)
-    if path:
-        return path
-    if scope["path"] in ("/", "/metrics", "/health") or scope["path"].startswith("/static/"):
-        return "/static" if scope["path"].startswith("/static/") else scope["path"]
+    """The route template a request (as it arrived) matches; for requests no route handled (401, 404)."""
+    app = scope.get("app")
+    for candidate in getattr(app, "routes", ()):  # plain routes and mounts (/, /metrics, /static)
+        template = getattr(candidate, "path", None)
+        if template and candidate.matches(scope)[0].name != "NONE":
+            return template
+    for template, pattern in _schema_paths(app):  # the API routes, from the OpenAPI schema (public API)
+        if pattern.match(scope["path"]):
+            return template
     return "unmatched"
+
+
+def _schema_paths(app: Any) -> list[tuple[str, Any]]:
+    cached = getattr(getattr(app, "state", None), "metrics_schema_paths", None)
+    if cached is None:
+        from starlette.routing import compile_path
+
+        openapi = getattr(app, "openapi", None)
+        paths = openapi().get("paths", {}) if openapi else {}
+        cached = [(template, compile_path(template)[0]) for template in paths]
+        if hasattr(app, "state"):
+            app.state.metrics_schema_paths = cached
+    return cached
