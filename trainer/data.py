@@ -222,10 +222,10 @@ class DocumentReader:
         if self.settings.dedupe and key in self._seen_hashes:
             self.stats.duplicates_removed += 1
             return False
+        self._seen_hashes.add(key)
         if num_chars < self.settings.min_chars:
             self.stats.too_short_removed += 1
             return False
-        self._seen_hashes.add(key)
         self.stats.documents_kept += 1
         self.stats.chars_kept += num_chars
         return True

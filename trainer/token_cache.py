@@ -65,6 +65,7 @@ def cache_key(sources: list[InputSource], tokenizer: Tokenizer, cleaning: Cleani
         "sources": sources_fingerprint(sources),
         "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest(),
         "tokenizer_info": tokenizer.info.to_dict(),
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
         "cleaning": cleaning.to_json(),
         "val_fraction": val_fraction,
     })
