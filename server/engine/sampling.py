@@ -1,0 +1,426 @@
+"""Per-request sampling for a batch of sequences: one logits row per sequence.
+
+    samplers = [SequenceSampler(params, prompt_ids, vocab_size, choice_index=i) for i in range(params.n)]
+    results = sample_batch(logits, samplers)      # logits: [num_rows, vocab]
+    for sampler, result in zip(samplers, results):
+        if isinstance(result, Exception): ...     # only this sequence fails
+        else: sampler.append(result.token_id)
+
+Design choices:
+- Order of operations (vLLM/HF convention): repetition penalty (CTRL: divide positive,
+  multiply negative logits of tokens seen in prompt or output), then frequency and presence
+  penalties (OpenAI: output tokens only), then logit_bias, then greedy argmax or
+  temperature -> top-k -> softmax -> top-p -> min-p -> one draw.
+- Temperature, top-k and top-p follow `model.generate.sample_token` op for op (same
+  comparisons, same dtypes), so a seeded request draws bit-identical tokens to the
+  reference generator (`hearth generate`) fed the same logits.
+- The draw of a seeded row depends on that row's own `torch.Generator` only, never on the
+  rest of the batch: it is `torch.multinomial`'s own algorithm (argmax of p / q with
+  q ~ Exp(1) drawn from the row's generator over the whole vocab), which is what makes it
+  equal to the reference. That costs `vocab` random numbers per row (about 2 ms for 32000
+  on a CPU core, microseconds on a GPU).
+- An unseeded row has nothing to reproduce, so it takes the cheap exact draw instead: one
+  uniform from its generator, then inverse-CDF over the batch (`cumsum` + `searchsorted`).
+  Both draws sample the same distribution.
+- Greedy rows (temperature < 1e-5, as in vLLM) are one batched argmax and draw nothing.
+- Logprobs are the model's raw log-softmax (before penalties, bias, temperature and
+  filtering), as vLLM reports by default: they describe the model, not the sampler settings.
+- Failures stay in their row: bad logit_bias entries, NaN or infinite logits come back as
+  an exception in that row's slot; the other rows are sampled as if it were absent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from server.engine.types import InvalidRequestError, RequestFailedError, SamplingParams, TokenLogprob
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are treated as 0 (argmax): x / 1e-6 overflows
+TOP_P_CANDIDATES = (64, 1024)  # top-p tries the top 64, then 1024 tokens; rows that need more sort the vocab
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SampleResult:
+    token_id: int  # the chosen token
+    logprob: TokenLogprob | None = None  # raw log-softmax of the chosen token + top alternatives; None unless params.logprobs is set
+
+
+class SequenceSampler:
+    """The sampling state of one sequence (one choice of a request): its generator and the
+    token statistics the penalties need, kept sparse (O(distinct tokens), not O(vocab))."""
+
+    def __init__(
+        self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, choice_index: int = 0
+    ) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        self.prompt_ids = prompt_ids  # only read (once) by the repetition penalty
+        self.output_ids: list[int] = []  # generated tokens, in order
+        # Choice 0 uses the request seed itself, so n=1 matches the reference generator;
+        # other choices get unrelated streams derived from (seed, choice_index).
+        base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.seed = _choice_seed(base_seed, choice_index)
+        self.generator: torch.Generator | None = None  # created at the first draw, on the logits' device
+        self._counted_ids: list[int] = []  # distinct output tokens, in order of first appearance
+        self._counts: list[int] = []  # occurrences of each of _counted_ids in the output
+        self._count_slot: dict[int, int] = {}  # token id -> its index in _counted_ids
+        self._seen_ids: list[int] | None = None  # distinct prompt + output tokens (repetition penalty only)
+        self._seen: set[int] = set()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.params.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def is_seeded(self) -> bool:
+        return self.params.seed is not None
+
+    @property
+    def has_logit_processors(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0 or bool(p.logit_bias)
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token (the penalties count it from the next step on). O(1)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        self.output_ids.append(token_id)
+        slot = self._count_slot.setdefault(token_id, len(self._counted_ids))
+        if slot == len(self._counted_ids):
+            self._counted_ids.append(token_id)
+            self._counts.append(0)
+        self._counts[slot] += 1
+        if self._seen_ids is not None and token_id not in self._seen:
+            self._seen.add(token_id)
+            self._seen_ids.append(token_id)
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        elif self.generator.device != device:
+            raise RequestFailedError(f"sampler generator is on {self.generator.device}, logits on {device}")
+        return self.generator
+
+    def repetition_edit(self) -> list[int]:
+        """Tokens the repetition penalty applies to: every distinct token of prompt and output."""
+        if self.params.repetition_penalty == 1.0:
+            return []
+        if self._seen_ids is None:
+            self._seen = set(self.prompt_ids) | set(self._counted_ids)
+            if self._seen and not (0 <= min(self._seen) and max(self._seen) < self.vocab_size):
+                raise InvalidRequestError("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
+            self._seen_ids = list(self._seen)
+        return self._seen_ids
+
+    def penalty_edit(self) -> tuple[list[int], list[float]]:
+        """(output tokens, what to subtract from their logits): count * frequency + presence."""
+        frequency, presence = self.params.frequency_penalty, self.params.presence_penalty
+        if frequency == 0 and presence == 0:
+            return [], []
+        return self._counted_ids, [count * frequency + presence for count in self._counts]
+
+    def bias_edit(self) -> tuple[list[int], list[float]]:
+        """(token ids, what to add to their logits) from logit_bias, checked."""
+        return _checked_logit_bias(self.params.logit_bias, self.vocab_size) if self.params.logit_bias else ([], [])
+
+
+def _checked_logit_bias(logit_bias: dict, vocab_size: int) -> tuple[list[int], list[float]]:
+    checked: dict[int, float] = {}  # keyed by int: {5: x, "5": y} must not write token 5 twice
+    for token, value in logit_bias.items():
+        try:
+            token_id, bias = int(token), float(value)
+        except (TypeError, ValueError):
+            raise InvalidRequestError("logit_bias", f"logit_bias entry {token!r}: {value!r} is not a token id and a number") from None
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}), got {token_id}")
+        if bias != bias or abs(bias) == float("inf"):
+            raise InvalidRequestError("logit_bias", f"logit_bias for token {token_id} must be a finite number")
+        checked[token_id] = bias
+    return list(checked), list(checked.values())
+
+
+def _choice_seed(seed: int, choice_index: int) -> int:
+    if choice_index == 0:
+        return seed
+    # splitmix64 of (seed, choice): neighbouring seeds and choices get unrelated streams.
+    x = (seed + (choice_index * 0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+def sample_batch(logits: Tensor, samplers: list[SequenceSampler]) -> list[SampleResult | Exception]:
+    """logits: [num_rows, vocab] (any float dtype; computed in float32), one row per sampler.
+
+    Returns one SampleResult per row, or the exception that failed that row. Columns past the
+    samplers' vocab_size (a padded embedding) are ignored.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(samplers):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(samplers)} samplers")
+    vocab_size = min([s.vocab_size for s in samplers] + [logits.shape[1]])
+    raw = logits.float()[:, :vocab_size]  # [rows, vocab]
+    failures: dict[int, Exception] = {
+        row: RequestFailedError(f"sampler vocab {s.vocab_size} does not match {vocab_size} logits columns")
+        for row, s in enumerate(samplers)
+        if s.vocab_size != vocab_size
+    }
+    processed = _apply_logit_processors(raw, samplers, failures)
+    alive = [row for row in range(len(samplers)) if row not in failures]
+    greedy = [row for row in alive if samplers[row].is_greedy]
+    random = [row for row in alive if not samplers[row].is_greedy]
+    tokens: dict[int, int] = {}
+    for rows, row_tokens in _isolate_rows(lambda rows: _greedy_tokens(processed, rows), greedy, failures):
+        tokens.update(zip(rows, row_tokens))
+    for rows, probs in _isolate_rows(lambda rows: _filtered_probs(processed, rows, samplers), random, failures):
+        _draw_tokens(probs, rows, samplers, tokens, failures)
+    logprobs = _logprobs(raw, tokens, samplers)
+    return [failures[row] if row in failures else SampleResult(tokens[row], logprobs.get(row)) for row in range(len(samplers))]
+
+
+def _apply_logit_processors(raw: Tensor, samplers: list[SequenceSampler], failures: dict[int, Exception]) -> Tensor:
+    """Repetition penalty, then frequency/presence penalties, then logit_bias, for all rows at
+    once as sparse (row, token) edits; raw stays intact for the logprobs."""
+    repetition, penalty, bias = _Edits(), _Edits(), _Edits()
+    for row, sampler in enumerate(samplers):
+        if row in failures or not sampler.has_logit_processors:
+            continue
+        try:  # gather everything first, so a bad row leaves no half-applied edits
+            seen, (penalised, amounts), (biased, values) = sampler.repetition_edit(), sampler.penalty_edit(), sampler.bias_edit()
+        except Exception as exc:  # noqa: BLE001 -- the row fails, the batch goes on
+            failures[row] = exc
+            continue
+        repetition.add(row, seen, [sampler.params.repetition_penalty] * len(seen))
+        penalty.add(row, penalised, amounts)
+        bias.add(row, biased, values)
+    if not (repetition.rows or penalty.rows or bias.rows):
+        return raw
+    processed = raw.clone()
+    if repetition.rows:  # CTRL: shrink towards zero, whatever the sign
+        index, factors = repetition.tensors(raw.device)
+        logits = processed[index]
+        processed[index] = torch.where(logits > 0, logits / factors, logits * factors)
+    if penalty.rows:
+        index, amounts = penalty.tensors(raw.device)
+        processed[index] = processed[index] - amounts
+    if bias.rows:
+        index, values = bias.tensors(raw.device)
+        processed[index] = processed[index] + values
+    return processed
+
+
+@dataclass
+class _Edits:
+    """Flat (row, token, value) triples: one batched gather/scatter for all rows."""
+
+    rows: list[int] = field(default_factory=list)  # batch row of each edit
+    token_ids: list[int] = field(default_factory=list)  # column of each edit
+    values: list[float] = field(default_factory=list)  # its parameter (factor, amount or bias)
+
+    def add(self, row: int, token_ids: list[int], values: list[float]) -> None:
+        self.rows.extend([row] * len(token_ids))
+        self.token_ids.extend(token_ids)
+        self.values.extend(values)
+
+    def tensors(self, device: torch.device) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        index = (torch.tensor(self.rows, device=device), torch.tensor(self.token_ids, device=device))
+        return index, torch.tensor(self.values, dtype=torch.float32, device=device)
+
+
+def _isolate_rows(step: Callable[[list[int]], Any], rows: list[int], failures: dict[int, Exception]) -> list[tuple[list[int], Any]]:
+    """Run a batched, side-effect-free step on rows -> [(rows, its result)]. If it raises, rerun
+    it row by row so that only the culprit fails (recorded in failures)."""
+    if not rows:
+        return []
+    try:
+        return [(rows, step(rows))]
+    except Exception:  # noqa: BLE001
+        groups = []
+        for row in rows:
+            try:
+                groups.append(([row], step([row])))
+            except Exception as exc:  # noqa: BLE001
+                failures[row] = exc
+        return groups
+
+
+def _take(tensor: Tensor, rows: list[int]) -> Tensor:
+    if rows == list(range(tensor.shape[0])):
+        return tensor
+    return tensor[torch.tensor(rows, device=tensor.device)]
+
+
+def _bad_logits_error() -> RequestFailedError:
+    return RequestFailedError("sampling failed: the logits are NaN or infinite (numerical overflow in the model?)")
+
+
+def _greedy_tokens(processed: Tensor, rows: list[int]) -> list[int]:
+    best = _take(processed, rows).max(dim=1)  # max propagates NaN, so a NaN row has a NaN max
+    if not bool((best.values > float("-inf")).all()):
+        raise _bad_logits_error()
+    return best.indices.tolist()
+
+
+# ------------------------------------------------------------------ filtering (random rows)
+
+
+def _filtered_probs(processed: Tensor, rows: list[int], samplers: list[SequenceSampler]) -> Tensor:
+    """-> [rows, vocab] unnormalised probabilities after temperature, top-k, top-p and min-p."""
+    params = [samplers[row].params for row in rows]
+    logits = _divide_by_temperature(_take(processed, rows), [p.temperature for p in params])
+    logits = _mask_top_k(logits, [p.top_k for p in params])
+    probs = torch.softmax(logits, dim=-1)
+    probs = _mask_top_p(probs, [p.top_p for p in params])
+    probs = _mask_min_p(probs, [p.min_p for p in params])
+    if not bool((probs.sum(dim=1) > 0).all()):  # False for NaN (from NaN or +inf logits)
+        raise _bad_logits_error()
+    return probs
+
+
+def _divide_by_temperature(logits: Tensor, temperatures: list[float]) -> Tensor:
+    # One division per distinct temperature, by a Python scalar exactly as the reference does
+    # (on CUDA a tensor / scalar is a multiply by the reciprocal, not a true division).
+    if all(t == 1.0 for t in temperatures):
+        return logits  # x / 1.0 == x exactly
+    if len(set(temperatures)) == 1:
+        return logits / temperatures[0]
+    scaled = logits.clone()
+    for temperature in set(temperatures):
+        rows = torch.tensor([i for i, t in enumerate(temperatures) if t == temperature], device=logits.device)
+        scaled[rows] = logits[rows] / temperature
+    return scaled
+
+
+def _mask_top_k(logits: Tensor, top_ks: list[int]) -> Tensor:
+    """Mask logits below each row's k-th largest (ties with it stay), as the reference does."""
+    vocab = logits.shape[1]
+    rows = [i for i, k in enumerate(top_ks) if 0 < k < vocab]
+    if not rows:
+        return logits
+    ks = torch.tensor([top_ks[i] for i in rows], device=logits.device)
+    subset = _take(logits, rows)
+    kth_largest = torch.topk(subset, int(ks.max())).values.gather(1, (ks - 1)[:, None])  # [rows, 1]
+    masked = subset.masked_fill(subset < kth_largest, float("-inf"))
+    if len(rows) == logits.shape[0]:
+        return masked
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device)] = masked
+    return logits
+
+
+def _mask_top_p(probs: Tensor, top_ps: list[float]) -> Tensor:
+    """Keep the smallest prefix (by descending probability) whose mass reaches top_p.
+
+    The reference sorts the whole vocab. A partial top-k gives the same prefix sums, and a
+    row whose cut falls within it is decided; so try growing candidate counts and fully sort
+    only the rows (flat distributions) still undecided.
+    """
+    rows = [i for i, p in enumerate(top_ps) if p < 1]
+    if not rows:
+        return probs
+    probs = probs.clone()
+    vocab = probs.shape[1]
+    for candidates in TOP_P_CANDIDATES:
+        rows = _cut_top_p(probs, rows, [top_ps[i] for i in rows], min(candidates, vocab))
+        if not rows:
+            break
+    if rows:
+        _cut_top_p(probs, rows, [top_ps[i] for i in rows], vocab)
+    return probs
+
+
+def _cut_top_p(probs: Tensor, rows: list[int], top_ps: list[float], candidates: int) -> list[int]:
+    """Zero the top-p tail of probs[rows] in place; return the rows whose cut lies past `candidates`."""
+    index = torch.tensor(rows, device=probs.device)
+    if candidates == probs.shape[1]:
+        sorted_probs, order = probs[index].sort(dim=1, descending=True)
+    else:
+        sorted_probs, order = probs[index].topk(candidates, dim=1)  # [rows, candidates]
+    mass_before = sorted_probs.cumsum(dim=1) - sorted_probs
+    top_p = torch.tensor(top_ps, dtype=probs.dtype, device=probs.device)[:, None]
+    cut = mass_before >= top_p  # compared in float32, as the reference compares with a Python float
+    decided = (cut[:, -1] | (candidates == probs.shape[1])).tolist()
+    done = torch.tensor([i for i, d in enumerate(decided) if d], dtype=torch.long, device=probs.device)
+    kept = torch.zeros(len(done), probs.shape[1], dtype=probs.dtype, device=probs.device)
+    kept.scatter_(1, order[done], sorted_probs[done].masked_fill(cut[done], 0))
+    probs[index[done]] = kept
+    return [row for row, d in zip(rows, decided) if not d]
+
+
+def _mask_min_p(probs: Tensor, min_ps: list[float]) -> Tensor:
+    """Zero tokens whose probability is below min_p times the row's largest."""
+    if all(p == 0 for p in min_ps):
+        return probs
+    min_p = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)[:, None]
+    threshold = probs.max(dim=1, keepdim=True).values * min_p  # [rows, 1]; 0 where min_p is off
+    return probs.masked_fill(probs < threshold, 0)
+
+
+# ------------------------------------------------------------------------------ the draw
+
+
+def _draw_tokens(
+    probs: Tensor, rows: list[int], samplers: list[SequenceSampler], tokens: dict[int, int], failures: dict[int, Exception]
+) -> None:
+    """probs: [rows, vocab]. Seeded rows draw like the reference; unseeded rows draw cheaply."""
+    seeded = [i for i, row in enumerate(rows) if samplers[row].is_seeded]
+    unseeded = [i for i, row in enumerate(rows) if not samplers[row].is_seeded]
+    for indices, draw in ((seeded, _draw_exponential_race), (unseeded, _draw_inverse_cdf)):
+        group = [rows[i] for i in indices]
+        try:
+            if group:
+                tokens.update(zip(group, draw(_take(probs, indices), [samplers[row] for row in group])))
+        except Exception as exc:  # noqa: BLE001 -- e.g. a generator on another device
+            failures.update({row: exc for row in group})
+
+
+def _draw_exponential_race(probs: Tensor, samplers: list[SequenceSampler]) -> list[int]:
+    """torch.multinomial(p, 1) exactly: argmax(p / q), q ~ Exp(1) from each row's own generator."""
+    noise = torch.empty_like(probs)  # [rows, vocab]
+    for index, sampler in enumerate(samplers):
+        noise[index].exponential_(generator=sampler.generator_on(probs.device))
+    return (probs / noise).argmax(dim=1).tolist()
+
+
+def _draw_inverse_cdf(probs: Tensor, samplers: list[SequenceSampler]) -> list[int]:
+    """One uniform per row from its own (CPU) generator; the first token whose CDF exceeds it."""
+    cpu = torch.device("cpu")
+    uniforms = torch.cat([torch.rand(1, generator=sampler.generator_on(cpu)) for sampler in samplers])
+    cdf = probs.cumsum(dim=1)  # [rows, vocab]; a zero-probability token never strictly raises it
+    targets = uniforms.to(probs.device)[:, None] * cdf[:, -1:]
+    chosen = torch.searchsorted(cdf, targets, right=True)[:, 0].tolist()
+    for index, token in enumerate(chosen):
+        if token >= probs.shape[1]:  # u * total rounded up to total: the last token with p > 0
+            chosen[index] = int(probs[index].nonzero()[-1])
+    return chosen
+
+
+# ------------------------------------------------------------------------------ logprobs
+
+
+def _logprobs(raw: Tensor, tokens: dict[int, int], samplers: list[SequenceSampler]) -> dict[int, TokenLogprob]:
+    rows = [row for row in tokens if samplers[row].params.logprobs is not None]
+    if not rows:
+        return {}
+    logprobs = torch.log_softmax(_take(raw, rows), dim=-1)  # [rows, vocab]
+    chosen_ids = torch.tensor([tokens[row] for row in rows], device=raw.device)
+    chosen = logprobs.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    num_top = min(max(samplers[row].params.logprobs for row in rows), raw.shape[1])
+    top_values, top_ids = [[]] * len(rows), [[]] * len(rows)
+    if num_top:
+        top = logprobs.topk(num_top, dim=1)  # sorted, most likely first
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    results = {}
+    for index, row in enumerate(rows):
+        k = samplers[row].params.logprobs
+        results[row] = TokenLogprob(tokens[row], chosen[index], list(zip(top_ids[index][:k], top_values[index][:k])))
+    return results
