@@ -45,6 +45,8 @@ def hf_config(**overrides) -> LlamaConfig:
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=HF_VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
                 rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=512, eos_token_id=513)
+    if isinstance(overrides.get("rope_scaling"), dict):
+        overrides["rope_scaling"] = dict(overrides["rope_scaling"])  # transformers adds rope_theta to it in place
     return LlamaConfig(**{**base, **overrides})
 
 
