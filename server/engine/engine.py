@@ -1,0 +1,429 @@
+"""The engine: admission on the event loop, a step loop in a background thread.
+
+    engine = Engine.from_checkpoint("weights/default", EngineConfig())
+    engine.start()
+    async for output in engine.generate(GenerationRequest(request_id, prompt_ids, params)):
+        ...
+
+Design choices:
+- One background thread owns the scheduler, the KV cache and the model; the
+  event loop never touches them. `generate()` checks the request (parameters,
+  context, queue bound) on the caller's side, then hands it over through a
+  locked inbox and waits on its own asyncio.Queue; the thread puts outputs
+  there with `loop.call_soon_threadsafe`. Torch releases the GIL in its
+  kernels, so HTTP stays responsive while a step computes.
+- Each loop iteration: take new requests and aborts, schedule, run the worker,
+  append tokens, detokenize (stop strings), emit one RequestOutput per request
+  that advanced. An abort (the consumer left the `async for`) is applied at the
+  start of the next iteration, so its blocks are free within one step.
+- Failures are contained: an exception sampling one sequence fails its request
+  (RequestFailedError mid-stream); an exception in the forward fails the
+  step's requests; the loop itself carries on.
+- Usage timings: queue = arrival -> first scheduled, prefill = first scheduled
+  -> first token, decode = first token -> finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from model.config import ModelConfig
+from model.decoder import Transformer
+from model.errors import HearthError
+from model.tokenizer import Tokenizer
+from server.engine.kv_cache import KVCacheManager, PagedKVCache
+from server.engine.sampling import SampleResult, SequenceSampler
+from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, TokenEvent
+from server.engine.types import (
+    CompletionDelta,
+    ContextOverflowError,
+    EngineStats,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    RequestOutput,
+    Usage,
+)
+from server.engine.worker import ModelWorker, SampleResults
+
+logger = logging.getLogger("hearth.engine")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (cuda when available)
+    dtype: str = "auto"  # compute and KV dtype: auto (bfloat16), bfloat16 or float32 (exactness tests)
+    block_size: int = 16  # tokens per KV block
+    kv_cache_blocks: int | None = None  # pool size; None: from kv_cache_memory_gb, capped at max_num_seqs full contexts
+    kv_cache_memory_gb: float = 2.0  # KV budget when kv_cache_blocks is None
+    max_num_seqs: int = 64  # most sequences running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
+    max_waiting: int = 256  # requests queued beyond free running slots; more get QueueFullError
+    enable_prefix_caching: bool = True  # reuse KV of identical full-block prefixes
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise HearthError(f"engine config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_waiting < 0:
+            raise HearthError(f"engine config: max_waiting must be >= 0, got {self.max_waiting}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise HearthError(f"engine config: dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "auto" else DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def num_blocks_for(self, model_config: ModelConfig, dtype: torch.dtype) -> int:
+        """Pool size including the null block."""
+        if self.kv_cache_blocks is not None:
+            return self.kv_cache_blocks + 1
+        blocks_per_seq = -(-model_config.max_seq_len // self.block_size)
+        wanted = self.max_num_seqs * blocks_per_seq
+        affordable = int(self.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(model_config, self.block_size, dtype)
+        return max(min(wanted, affordable), blocks_per_seq) + 1
+
+
+@dataclass
+class _RequestState:
+    """The engine thread's view of one request."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop  # the caller's loop: outputs go through call_soon_threadsafe
+    queue: asyncio.Queue  # RequestOutput items, or an exception to raise in the caller
+    samplers: list[SequenceSampler]  # one per choice
+    detokenizers: list[Any]  # one IncrementalDetokenizer per choice
+    arrival_time: float
+    first_seq: Sequence | None = None  # choice 0 (the one that prefills the prompt)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    completion_tokens: int = 0  # summed over choices
+    finished_choices: set[int] = field(default_factory=set)
+
+
+def make_detokenizer(tokenizer: Tokenizer, stop: list[str]) -> Any:
+    from server.engine.detokenize import IncrementalDetokenizer
+
+    return IncrementalDetokenizer(tokenizer, stop)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 model_id: str = "model"):
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self._tokenizer = tokenizer
+        self._model_id = model_id
+        model_config = model.config
+        dtype = model.embed.weight.dtype
+        num_blocks = self.config.num_blocks_for(model_config, dtype)
+        blocks_per_seq = -(-model_config.max_seq_len // self.config.block_size)
+        if num_blocks - 1 < blocks_per_seq:
+            raise HearthError(f"engine config: kv_cache_blocks={num_blocks - 1} cannot hold one full context "
+                              f"({model_config.max_seq_len} tokens = {blocks_per_seq} blocks of {self.config.block_size})")
+        self.kv_manager = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   model_config.max_seq_len, self.config.block_size), self.kv_manager)
+        self.worker = ModelWorker(model, num_blocks, self.config.block_size)
+        self._requests: dict[str, _RequestState] = {}  # engine thread only
+        self._lock = threading.Condition()
+        self._inbox: deque[_RequestState] = deque()  # guarded by _lock
+        self._aborts: deque[str] = deque()  # guarded by _lock
+        self._num_unadmitted = 0  # submitted, never scheduled; guarded by _lock
+        self._submitted: set[str] = set()  # request ids in flight; guarded by _lock
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
+        from model.checkpoint import load_checkpoint
+
+        config = config or EngineConfig()
+        checkpoint = load_checkpoint(path, device=config.torch_device(), dtype=config.torch_dtype())
+        return cls(checkpoint.model, checkpoint.tokenizer, config, model_id=Path(path).name)
+
+    # ------------------------------------------------------------------ public facts
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            queued = len(self._inbox)
+        return EngineStats(
+            num_waiting=queued + len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_total=self.kv_manager.num_usable_blocks,
+            kv_blocks_used=self.kv_manager.num_used_blocks,
+            prefix_cache_hit_tokens=self.scheduler.prefix_cache_hit_tokens,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hearth-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ------------------------------------------------------------------ the caller's side
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; admission errors raise before the first one."""
+        state = self._admit(request)
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.abort(request.request_id)  # a no-op once finished; frees blocks if the consumer left
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._submitted:
+                self._aborts.append(request_id)
+                self._lock.notify()
+
+    def _admit(self, request: GenerationRequest) -> _RequestState:
+        self._check(request)
+        if self._thread is None:
+            self.start()
+        params = request.params
+        vocab_size = self.model.config.vocab_size
+        samplers = [SequenceSampler(params, request.prompt_ids, vocab_size, choice) for choice in range(params.n)]
+        detokenizers = [make_detokenizer(self._tokenizer, list(params.stop)) for _ in range(params.n)]
+        state = _RequestState(request, asyncio.get_running_loop(), asyncio.Queue(), samplers, detokenizers, time.monotonic())
+        with self._lock:
+            if self._stopping:
+                raise RequestFailedError("the engine is shutting down")
+            if request.request_id in self._submitted:
+                raise InvalidRequestError("request_id", f"request id {request.request_id!r} is already running")
+            free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+            if self._num_unadmitted >= self.config.max_waiting + free_slots:
+                raise QueueFullError(f"the engine's waiting queue is full ({self._num_unadmitted} requests waiting); retry later")
+            self._num_unadmitted += 1
+            self._submitted.add(request.request_id)
+            self._inbox.append(state)
+            self._lock.notify()
+        return state
+
+    def _check(self, request: GenerationRequest) -> None:
+        params, prompt = request.params, request.prompt_ids
+        params.validate(self.model.config.vocab_size)
+        if not prompt:
+            raise InvalidRequestError("prompt", "prompt is empty")
+        vocab_size = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+            raise InvalidRequestError("prompt", f"prompt token ids must be integers in [0, {vocab_size})")
+        requested = len(prompt) + params.max_tokens
+        if requested > self.max_seq_len:
+            raise ContextOverflowError(self.max_seq_len, requested, len(prompt))
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self._aborts or self._stopping or self.scheduler.has_work()):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                new, self._inbox = list(self._inbox), deque()
+                aborts, self._aborts = list(self._aborts), deque()
+            for state in new:
+                self._add(state)
+            for request_id in aborts:
+                self._drop(request_id)
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
+                logger.exception("engine step failed")
+                self._fail_all(RequestFailedError("internal engine error"))
+        self._fail_all(RequestFailedError("the engine shut down"))
+
+    def _add(self, state: _RequestState) -> None:
+        request = state.request
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self._tokenizer.stop_ids)
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), params,
+                       frozenset(stop_ids), sampler=state.samplers[0], fork_samplers=state.samplers[1:])
+        state.first_seq = seq
+        self._requests[request.request_id] = state
+        self.scheduler.add_sequence(seq)
+
+    def _step(self) -> None:
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            time.sleep(0.001)  # waiting requests that do not fit yet; nothing to compute
+            return
+        self._note_scheduled(output)
+        try:
+            results = self.worker.execute(output)
+        except Exception as exc:  # noqa: BLE001 -- the step's requests fail, the engine goes on
+            logger.exception("forward pass failed")
+            for request_id in {item.seq.request_id for item in output.scheduled}:
+                self._fail(request_id, RequestFailedError(f"the model failed on this batch: {exc}"))
+            return
+        tokens = self._collect_tokens(results)
+        events = self.scheduler.update_from_output(output, tokens)
+        self._emit(events, results)
+
+    def _note_scheduled(self, output: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for item in output.scheduled:
+            state = self._requests.get(item.seq.request_id)
+            if state is not None and state.first_scheduled_time is None:
+                state.first_scheduled_time = now
+                with self._lock:
+                    self._num_unadmitted -= 1
+
+    def _collect_tokens(self, results: SampleResults) -> dict[int, list[int]]:
+        """Token ids per sequence; a sequence with any failed sample fails its request."""
+        tokens = {}
+        for seq_id, samples in results.items():
+            failure = next((s for s in samples if isinstance(s, Exception)), None)
+            if failure is None:
+                tokens[seq_id] = [s.token_id for s in samples]
+                continue
+            request_id = self._request_of(seq_id)
+            if request_id is not None:
+                message = str(failure) or type(failure).__name__
+                self._fail(request_id, RequestFailedError(f"sampling failed: {message}"))
+        return tokens
+
+    def _request_of(self, seq_id: int) -> str | None:
+        for request_id, seqs in self.scheduler.seqs_by_request.items():
+            if any(seq.seq_id == seq_id for seq in seqs):
+                return request_id
+        return None
+
+    def _emit(self, events: list[TokenEvent], results: SampleResults) -> None:
+        now = time.monotonic()
+        deltas: dict[str, list[CompletionDelta]] = {}
+        for event in events:
+            state = self._requests.get(event.seq.request_id)
+            if state is None:
+                continue
+            sample = results[event.sampled_seq_id][event.sample_index]
+            deltas.setdefault(state.request.request_id, []).append(self._delta(state, event, sample))
+            if state.first_token_time is None:
+                state.first_token_time = now
+        for request_id, request_deltas in deltas.items():
+            state = self._requests[request_id]
+            finished = len(state.finished_choices) == state.request.params.n
+            usage = self._usage(state, now) if finished else None
+            self._deliver(state, RequestOutput(request_id, request_deltas, usage, finished))
+            if finished:
+                self._forget(request_id)
+
+    def _delta(self, state: _RequestState, event: TokenEvent, sample: SampleResult) -> CompletionDelta:
+        seq, choice = event.seq, event.seq.choice_index
+        detokenizer = state.detokenizers[choice]
+        state.completion_tokens += 1
+        reason = event.finish_reason
+        if event.stopped_by_token:  # the stop token is not part of the text
+            return self._finish_choice(state, choice, CompletionDelta(choice, detokenizer.flush(), [], None, "stop"))
+        text, hit_stop = detokenizer.add(event.token_id)
+        if hit_stop:
+            reason = "stop"
+            self.scheduler.finish_sequence(seq, "stop")
+        elif reason is not None:
+            text += detokenizer.flush()
+        logprobs = [sample.logprob] if sample.logprob is not None else None
+        delta = CompletionDelta(choice, text, [event.token_id], logprobs, reason)
+        return self._finish_choice(state, choice, delta) if reason is not None else delta
+
+    @staticmethod
+    def _finish_choice(state: _RequestState, choice: int, delta: CompletionDelta) -> CompletionDelta:
+        state.finished_choices.add(choice)
+        return delta
+
+    def _usage(self, state: _RequestState, now: float) -> Usage:
+        first_scheduled = state.first_scheduled_time or now
+        first_token = state.first_token_time or now
+        return Usage(
+            prompt_tokens=len(state.request.prompt_ids),
+            cached_tokens=state.first_seq.num_cached_tokens or 0,
+            completion_tokens=state.completion_tokens,
+            queue_time=first_scheduled - state.arrival_time,
+            prefill_time=first_token - first_scheduled,
+            decode_time=now - first_token,
+        )
+
+    def _deliver(self, state: _RequestState, item: RequestOutput | BaseException) -> None:
+        try:
+            state.loop.call_soon_threadsafe(state.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def _drop(self, request_id: str) -> None:
+        """Abort: free the request's blocks now; nothing more is delivered."""
+        if request_id in self._requests:
+            self.scheduler.abort_request(request_id)
+            self._forget(request_id)
+
+    def _fail(self, request_id: str, error: RequestFailedError) -> None:
+        state = self._requests.get(request_id)
+        self.scheduler.abort_request(request_id)
+        if state is not None:
+            self._deliver(state, error)
+            self._forget(request_id)
+
+    def _fail_all(self, error: RequestFailedError) -> None:
+        with self._lock:
+            pending, self._inbox = list(self._inbox), deque()
+        for state in pending:
+            self._requests[state.request.request_id] = state
+        for request_id in list(self._requests):
+            self._fail(request_id, error)
+
+    def _forget(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        with self._lock:
+            self._submitted.discard(request_id)
+            if state is not None and state.first_scheduled_time is None:
+                self._num_unadmitted -= 1

@@ -1,0 +1,101 @@
+"""Model worker: runs one scheduler step as one forward pass, then samples.
+
+Design choices:
+- The step's sequences are flattened into one [1, N] batch: single-token
+  decodes first (their attention is one batched call), then prefill chunks,
+  then padding rows. Positions are explicit, so rows of different sequences sit
+  at their own positions; the paged cache's metadata (slot of each row, block
+  tables, key masks) is built once per step, not per layer.
+- Logits are computed only for rows that sample (the last row of a chunk that
+  reaches the end of its sequence): `model.hidden_states`, pick those rows,
+  then `model.lm_head`. A forking prompt (n > 1) repeats its row n times, one
+  per choice's sampler.
+- Batch invariance: with kernels whose per-row results depend on the row count
+  (MKL float32 under 4 rows), the batch and the LM head rows are padded to a
+  multiple of `row_multiple` (probed at start-up, 1 for bfloat16 here), so a
+  request's tokens do not depend on what else runs in the step.
+- Sampling failures stay per sequence: `sample_batch` returns an exception in
+  that row's slot. An exception in the forward itself propagates: the engine
+  fails the step's requests and carries on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from model.decoder import Transformer
+from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
+from server.engine.sampling import SampleResult, sample_batch
+from server.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+SampleResults = dict[int, list[SampleResult | Exception]]  # scheduled seq id -> one result per sample
+
+
+class ModelWorker:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+        self.model = model
+        weight = model.embed.weight
+        self.device = weight.device
+        self.dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
+        self.row_multiple = find_row_multiple(self.dtype, self.device)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device, self.row_multiple)
+
+    def padded(self, num_rows: int) -> int:
+        return -(-num_rows // self.row_multiple) * self.row_multiple
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> SampleResults:
+        self.cache.copy_blocks(output.blocks_to_copy)
+        if not output.scheduled:
+            return {}
+        ordered = order_rows(output.scheduled)
+        tokens, positions = self._inputs(ordered)
+        chunks = [SequenceChunk(item.start_position, item.num_tokens, item.block_ids) for item in ordered]
+        self.cache.metadata = self.cache.build_metadata(chunks, tokens.shape[1])
+        try:
+            hidden = self.model.hidden_states(tokens, positions, self.cache)[0]  # [rows, dim]
+        finally:
+            self.cache.metadata = None
+        return self._sample(ordered, hidden)
+
+    def _inputs(self, ordered: list[ScheduledSequence]) -> tuple[Tensor, Tensor]:
+        """-> tokens, positions: [1, padded rows] (padding rows: token 0 at position 0)."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        for item in ordered:
+            end = item.start_position + item.num_tokens
+            token_ids += item.seq.token_ids[item.start_position:end]
+            positions += range(item.start_position, end)
+        padding = self.padded(len(token_ids)) - len(token_ids)
+        token_ids += [0] * padding
+        positions += [0] * padding
+        return (torch.tensor([token_ids], device=self.device), torch.tensor([positions], device=self.device))
+
+    def _sample(self, ordered: list[ScheduledSequence], hidden: Tensor) -> SampleResults:
+        rows, samplers, owners = [], [], []
+        last_row = -1
+        for item in ordered:
+            last_row += item.num_tokens
+            if item.num_samples:
+                choice_samplers = [item.seq.sampler, *item.seq.fork_samplers][:item.num_samples]
+                rows += [last_row] * len(choice_samplers)
+                samplers += choice_samplers
+                owners += [item.seq.seq_id] * len(choice_samplers)
+        if not rows:
+            return {}
+        num_rows = len(rows)
+        rows += [rows[-1]] * (self.padded(num_rows) - num_rows)
+        picked = hidden.index_select(0, torch.tensor(rows, device=self.device))  # [padded samples, dim]
+        logits = self.model.lm_head(picked)[:num_rows]  # [samples, vocab]
+        results: SampleResults = {}
+        for owner, sampler, result in zip(owners, samplers, sample_batch(logits, samplers)):
+            if not isinstance(result, Exception):
+                sampler.append(result.token_id)
+            results.setdefault(owner, []).append(result)
+        return results
+
+
+def order_rows(scheduled: list[ScheduledSequence]) -> list[ScheduledSequence]:
+    """Single-token chunks first (batched attention), then the longer chunks, each in order."""
+    return [s for s in scheduled if s.num_tokens == 1] + [s for s in scheduled if s.num_tokens > 1]
