@@ -15,7 +15,10 @@ Models imported from Hugging Face keep their own Jinja template
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Sequence
 
 from model.errors import HearthError
@@ -79,11 +82,9 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Any], add_generation_pr
 
 
 def _encode_jinja(tokenizer: Tokenizer, turns: list[tuple[str, str]], add_generation_prompt: bool) -> EncodedChat:
-    import jinja2  # only imported models use Jinja templates
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string(tokenizer.info.jinja_template or "")
-    text = template.render(
+    if not tokenizer.info.jinja_template:
+        raise ChatFormatError("this model has no chat template (a base model): use a completion, not a chat")
+    text = _jinja_template(tokenizer.info.jinja_template).render(
         messages=[{"role": r, "content": c} for r, c in turns],
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.info.bos_token or "",
@@ -91,3 +92,24 @@ def _encode_jinja(tokenizer: Tokenizer, turns: list[tuple[str, str]], add_genera
     )
     ids = tokenizer.encode(text, allow_special=True)
     return EncodedChat(ids, [0] * len(ids))
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja_template(source: str):
+    """Compile a Hugging Face chat template in the environment transformers gives it."""
+    import jinja2  # only imported models use Jinja templates
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ChatFormatError(f"chat template: {message}")
+
+    def tojson(value, indent=None):  # transformers' tojson: no HTML escaping
+        return json.dumps(value, indent=indent, ensure_ascii=False)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise ChatFormatError(f"chat template does not compile: {exc}") from None

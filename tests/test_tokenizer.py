@@ -74,3 +74,20 @@ def test_generation_prompt_ends_with_assistant_header(tokenizer):
 def test_bad_chats_name_the_message(tokenizer, messages, message):
     with pytest.raises(ChatFormatError, match=message):
         encode_chat(tokenizer, messages)
+
+
+def test_imported_jinja_templates_render_like_transformers(tokenizer):
+    from model.tokenizer import Tokenizer, TokenizerInfo
+
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ bos_token }}{{ m['content'] | tojson }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    jinja = Tokenizer(tokenizer.backend, TokenizerInfo(chat_template="jinja", jinja_template=template))
+    ids = encode_chat(jinja, [{"role": "user", "content": "<b>é</b>"}]).ids
+    assert jinja.decode(ids, skip_special=False) == '<|bos|>"<b>é</b>"<|assistant|>'
+    with pytest.raises(ChatFormatError, match="chat template: no system role"):
+        encode_chat(jinja, [{"role": "system", "content": "x"}])
+    base_model = Tokenizer(tokenizer.backend, TokenizerInfo(chat_template="jinja", jinja_template=None))
+    with pytest.raises(ChatFormatError, match="no chat template"):
+        encode_chat(base_model, [{"role": "user", "content": "x"}])
