@@ -117,10 +117,10 @@ class _RequestState:
     finished_choices: set[int] = field(default_factory=set)
 
 
-def make_detokenizer(tokenizer: Tokenizer, stop: list[str]) -> Any:
+def make_detokenizer(tokenizer: Tokenizer, stop: list[str], prompt_ids: list[int]) -> Any:
     from server.engine.detokenize import IncrementalDetokenizer
 
-    return IncrementalDetokenizer(tokenizer, stop)
+    return IncrementalDetokenizer(tokenizer, stop, prompt_ids)
 
 
 class Engine:
@@ -233,7 +233,7 @@ class Engine:
         params = request.params
         vocab_size = self.model.config.vocab_size
         samplers = [SequenceSampler(params, request.prompt_ids, vocab_size, choice) for choice in range(params.n)]
-        detokenizers = [make_detokenizer(self._tokenizer, list(params.stop)) for _ in range(params.n)]
+        detokenizers = [make_detokenizer(self._tokenizer, list(params.stop), request.prompt_ids) for _ in range(params.n)]
         state = _RequestState(request, asyncio.get_running_loop(), asyncio.Queue(), samplers, detokenizers, time.monotonic())
         with self._lock:
             if self._stopping:

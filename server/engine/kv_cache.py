@@ -47,6 +47,9 @@ from torch import Tensor
 from model.config import ModelConfig
 
 NULL_BLOCK_ID = 0  # reserved: padding rows write here, padded block tables point here
+# Attention reads at least this many (masked) keys: PyTorch runs batched matmuls smaller
+# than 400 multiply-adds per matrix through a separate naive kernel, whose rounding differs.
+MIN_ATTENTION_KEYS = 16
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -322,7 +325,7 @@ class PagedKVCache:
         device = self.keys.device
         num_rows = chunks[0].num_rows
         context_blocks = [-(-(c.start_position + c.num_rows) // self.block_size) for c in chunks]
-        max_blocks = max(context_blocks)
+        max_blocks = max(*context_blocks, -(-MIN_ATTENTION_KEYS // self.block_size))
         table = []
         for chunk, used in zip(chunks, context_blocks):
             table += chunk.block_ids[:used] + [NULL_BLOCK_ID] * (max_blocks - used)

@@ -219,7 +219,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if len(self.running) + 1 + seq.num_pending_forks > self.config.max_num_seqs:
+            reserved = len(self.running) + sum(s.num_pending_forks for s in self.running)  # forks to come
+            if reserved + 1 + seq.num_pending_forks > self.config.max_num_seqs:
                 break
             cached_prefix = self.kv.find_cached_prefix(seq.token_ids, seq.block_hashes)
             num_cached = len(cached_prefix) * self.config.block_size
@@ -256,14 +257,13 @@ class Scheduler:
             seq = item.seq
             if seq.is_finished:
                 continue
+            self.kv.register_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
             tokens = sampled.get(seq.seq_id, [])
             # Fork before the parent's own token: the parent may finish on it and free its blocks.
             child_events = self._fork(seq, tokens[1:]) if item.num_samples > 1 and len(tokens) > 1 else []
             if tokens:
                 events.append(self._append_token(seq, tokens[0], seq.seq_id, 0))
             events += child_events
-            if not seq.is_finished:
-                self.kv.register_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
         return events
 
     def _append_token(self, seq: Sequence, token_id: int, sampled_seq_id: int, sample_index: int) -> TokenEvent:
