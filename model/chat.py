@@ -98,6 +98,7 @@ def _encode_jinja(tokenizer: Tokenizer, turns: list[tuple[str, str]], add_genera
 def _jinja_template(source: str):
     """Compile a Hugging Face chat template in the environment transformers gives it."""
     import jinja2  # only imported models use Jinja templates
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
