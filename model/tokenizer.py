@@ -89,6 +89,8 @@ class Tokenizer:
         return ids
 
     def _encode_without_added(self, piece: str) -> list[int]:
+        if self.backend.normalizer is not None:
+            piece = self.backend.normalizer.normalize_str(piece)
         pre = self.backend.pre_tokenizer.pre_tokenize_str(piece) if self.backend.pre_tokenizer else [(piece, None)]
         ids: list[int] = []
         for word, _ in pre:
