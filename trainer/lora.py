@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -205,8 +205,9 @@ def base_weights_fingerprint(folder: Path, num_samples: int = 64, sample_bytes: 
 
 
 def save_adapter(folder: str | Path, model: Transformer, config: LoRAConfig, base: Path,
-                 base_metadata: dict[str, Any], training: dict[str, Any] | None = None) -> Path:
-    """Write adapter.safetensors + adapter_config.json atomically."""
+                 base_metadata: dict[str, Any], training: dict[str, Any] | None = None,
+                 extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write adapter.safetensors + adapter_config.json (+ extra files: name -> writer(path)) atomically."""
     state = adapter_state_dict(model)
     adapter_config = {
         "format": ADAPTER_FORMAT,
@@ -222,6 +223,8 @@ def save_adapter(folder: str | Path, model: Transformer, config: LoRAConfig, bas
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
 
     return write_folder_atomically(Path(folder), write)
 

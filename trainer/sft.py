@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,3 +359,226 @@ def merge_adapter_folder(base: Path, adapter_dir: Path, out: Path, overwrite: bo
     training = dict(adapter.metadata.get("training") or {})
     training["merged"] = {"base": str(base.resolve()), "adapter": str(adapter_dir.resolve())}
     return save_checkpoint(out, merged, checkpoint.tokenizer, extra_metadata={"training": training})
+
+
+# --- the SFT run --------------------------------------------------------------------------
+
+DEFAULT_BATCH_TOKENS = 8192  # tokens per optimizer step (packed rows x seq_len)
+DEFAULT_MICRO_TOKENS = 4096  # tokens per forward/backward: large enough for efficient CPU matmuls
+DEFAULT_SEQ_LEN = 512  # packed row length when the model's context is longer
+
+
+@dataclass
+class SFTOptions:
+    """Everything `hearth sft` takes (see trainer/sft_commands.py for the help texts)."""
+
+    base: Path  # checkpoint folder to fine-tune
+    data: list[str]  # chat JSONL files
+    out: Path  # output folder: checkpoint, or adapter folder with LoRA (without --merge)
+    val_data: list[str] | None = None  # chat JSONL files for validation loss
+    lora_rank: int | None = None  # None: full fine-tuning
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    merge: bool = False  # LoRA: save base + adapter merged, as a normal checkpoint
+    lr: float | None = None  # None: 1e-4 full, 1e-3 LoRA
+    min_lr: float | None = None  # None: lr / 10
+    weight_decay: float = 0.0
+    epochs: float | None = None  # passes over the chats (default 1 when max_steps is None)
+    max_steps: int | None = None  # optimizer steps, instead of epochs
+    seq_len: int | None = None  # packed row length; None: min(model context, 512)
+    batch_size: int | None = None  # rows per optimizer step; None: from batch_tokens
+    batch_tokens: int | None = None  # tokens per optimizer step; None: DEFAULT_BATCH_TOKENS
+    micro_batch_size: int | None = None  # rows per forward/backward; None: ~DEFAULT_MICRO_TOKENS tokens
+    warmup: int | None = None  # warmup steps; None: 3% of the run
+    eval_every: int = 0  # steps between validation passes (0: only at the end)
+    eval_rows: int = 64  # packed validation rows scored per pass (fewer when the set is smaller)
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    long_chats: str = "truncate"  # chats longer than seq_len + 1: "truncate" or "drop"
+    strict: bool = False  # stop at the first bad record
+    device: str = "cpu"
+    dtype: str = "bfloat16"  # compute dtype (autocast); master weights stay fp32
+    seed: int = 0
+    resume: bool = False  # continue the run saved in `out`
+    overwrite: bool = False  # replace a model already in `out`
+    progress: bool = True  # tqdm bar
+
+    @classmethod
+    def from_args(cls, args: Any) -> "SFTOptions":
+        from trainer.lora import LoRAConfig
+
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        values["base"], values["out"] = Path(args.base), Path(args.out)
+        values["lora_targets"] = LoRAConfig.parse_targets(args.lora_targets)
+        values["progress"] = not getattr(args, "no_progress", False)
+        return cls(**values)
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    def validate(self) -> None:
+        if self.epochs is not None and self.max_steps is not None:
+            raise HearthError("give --epochs or --max-steps, not both")
+        if self.merge and not self.use_lora:
+            raise HearthError("--merge needs --lora-rank (full fine-tuning already saves a whole model)")
+        for name in ("epochs", "max_steps", "seq_len", "batch_size", "batch_tokens", "micro_batch_size", "lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise HearthError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("warmup", "eval_every", "save_every", "weight_decay", "min_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise HearthError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise HearthError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class BatchPlan:
+    """How the packed rows are cut into steps."""
+
+    seq_len: int  # tokens per row (inputs)
+    batch_size: int  # rows per optimizer step
+    micro_batch_size: int  # rows per forward/backward
+    max_steps: int  # optimizer steps of the run
+    warmup_steps: int
+
+
+def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int) -> BatchPlan:
+    batch_size = options.batch_size or max(1, (options.batch_tokens or DEFAULT_BATCH_TOKENS) // seq_len)
+    micro = options.micro_batch_size or max(1, min(batch_size, DEFAULT_MICRO_TOKENS // seq_len))
+    while batch_size % micro:  # the largest micro batch that divides the step
+        micro -= 1
+    if options.micro_batch_size and micro != options.micro_batch_size:
+        raise HearthError(f"--batch-size {batch_size} is not a multiple of --micro-batch-size {options.micro_batch_size}")
+    max_steps = options.max_steps or max(1, math.ceil((options.epochs or 1.0) * rows_per_epoch / batch_size))
+    warmup = options.warmup if options.warmup is not None else max(1, round(0.03 * max_steps))
+    return BatchPlan(seq_len, batch_size, micro, max_steps, min(warmup, max_steps))
+
+
+def run_sft(options: SFTOptions) -> int:
+    """`hearth sft`: read chats, fine-tune (full or LoRA), save; returns the exit status."""
+    from trainer.loop import TrainConfig, train
+
+    options.validate()
+    check_output_folder(options.out, options.overwrite or options.resume, options.base)
+    base = load_base(options)
+    seq_len = options.seq_len or min(base.config.max_seq_len, DEFAULT_SEQ_LEN)
+    if seq_len > base.config.max_seq_len:
+        raise HearthError(f"--seq-len {seq_len} is longer than the model's context ({base.config.max_seq_len})")
+    train_data, val_data, facts = load_chat_sources(options, base.tokenizer, seq_len)
+    plan = plan_batches(options, train_data.rows_per_epoch(), seq_len)
+    model, trainable, save_fn, lora_facts = prepare_model(options, base)
+    eval_batches = max(1, min(options.eval_rows, val_data.rows_per_epoch() if val_data else 1) // plan.micro_batch_size)
+    config = TrainConfig(
+        max_steps=plan.max_steps, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size,
+        lr=options.lr or (1e-3 if options.use_lora else 1e-4), min_lr=options.min_lr,
+        warmup_steps=plan.warmup_steps, weight_decay=options.weight_decay, eval_every=options.eval_every,
+        eval_batches=eval_batches, save_every=options.save_every, dtype=options.dtype, device=options.device,
+        seed=options.seed, progress=options.progress,
+    )
+    run_info = {"task": "sft", "base": str(options.base.resolve()), "base_training": base.metadata.get("training"),
+                "seq_len": seq_len, "packing": "chats packed whole into rows, causal attention across them",
+                "loss": "assistant tokens only", **facts, "lora": lora_facts}
+    result = train(model, train_data, val_data, config, options.out, base.tokenizer,
+                   trainable_params=trainable, save_fn=save_fn, resume=options.resume, run_info=run_info)
+    if options.merge and result.interrupted is None:
+        merge_into_checkpoint(options, base, model, result, run_info)
+    return 0
+
+
+def load_base(options: SFTOptions):
+    """The base checkpoint in fp32 (full fine-tuning trains those weights; LoRA keeps them frozen)."""
+    from model.checkpoint import load_checkpoint
+
+    base = load_checkpoint(options.base, dtype=torch.float32)
+    if base.quantization:
+        raise HearthError(f"{options.base}: base is quantized; fine-tune the unquantized checkpoint, then quantize")
+    return base
+
+
+def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int):
+    """(train batches, validation batches or None, facts for config.json)."""
+    chats, report = read_chats(options.data, tokenizer, seq_len + 1, options.long_chats, options.strict)
+    print_read_report(report, "train data")
+    train_data = PackedChatBatches(chats, seq_len, tokenizer.pad_id or 0, seed=options.seed)
+    facts = {"data": [str(p) for p in options.data], "chats": len(chats), "chat_tokens": chats.num_tokens,
+             "assistant_tokens": chats.num_assistant_tokens, "skipped_records": report.skipped,
+             "truncated_chats": report.truncated, "dropped_long_chats": report.dropped_long}
+    val_data = None
+    if options.val_data:
+        val_chats, val_report = read_chats(options.val_data, tokenizer, seq_len + 1, options.long_chats, options.strict)
+        print_read_report(val_report, "validation data")
+        val_data = PackedChatBatches(val_chats, seq_len, tokenizer.pad_id or 0, shuffle=False)
+        facts["val_data"] = [str(p) for p in options.val_data]
+    return train_data, val_data, facts
+
+
+def prepare_model(options: SFTOptions, base):
+    """(model, trainable parameter names or None, save_fn, LoRA facts or None), resumed weights loaded."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.lora import (LoRAConfig, apply_lora, is_adapter_folder, load_adapter_state, lora_modules,
+                              read_adapter, save_adapter)
+
+    card = model_card(options, base)
+    if not options.use_lora:
+        model = base.model
+        if options.resume:
+            if is_adapter_folder(options.out):
+                raise HearthError(f"--resume: {options.out} holds a LoRA adapter; pass the same --lora-rank to resume it")
+            model = load_checkpoint(options.out, dtype=torch.float32).model
+
+        def save_full(folder: Path, extra_files: dict, info: dict) -> None:
+            save_checkpoint(folder, model, base.tokenizer, extra_metadata={"training": info},
+                            extra_files=extra_files, model_card=card)
+
+        return model, None, save_full, None
+    lora = LoRAConfig(options.lora_rank, options.lora_alpha or 2.0 * options.lora_rank,
+                      options.lora_dropout, options.lora_targets)
+    model = base.model
+    apply_lora(model, lora, seed=options.seed)
+    if options.resume:
+        if not is_adapter_folder(options.out):
+            raise HearthError(f"--resume: {options.out} holds no LoRA adapter (was the run full fine-tuning?)")
+        adapter = read_adapter(options.out)
+        load_adapter_state(model, adapter.state, str(options.out))
+    trainable = [f"{name}.{part}" for name in lora_modules(model) for part in ("lora_a", "lora_b")]
+
+    def save_lora(folder: Path, extra_files: dict, info: dict) -> None:
+        save_adapter(folder, model, lora, options.base, base.metadata, training=info, extra_files=extra_files)
+
+    facts = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+             "trainable_params": sum(model.get_parameter(name).numel() for name in trainable)}
+    return model, trainable, save_lora, facts
+
+
+def model_card(options: SFTOptions, base) -> str | None:
+    """The base's card (licence notices included) plus a note on this fine-tuning run."""
+    from model.checkpoint import CARD_FILE
+
+    card_file = options.base / CARD_FILE
+    base_card = card_file.read_text(encoding="utf-8") if card_file.is_file() else ""
+    note = (f"\n\n## Fine-tuning\n\nSupervised fine-tuning of `{options.base}` on "
+            f"{', '.join(f'`{p}`' for p in options.data)} (loss on assistant tokens only). "
+            "See `training` in config.json for the settings.\n")
+    return (base_card.rstrip() + note) if base_card else note.lstrip()
+
+
+def merge_into_checkpoint(options: SFTOptions, base, model, result, run_info: dict[str, Any]) -> None:
+    """--merge: replace the adapter folder in --out by base + adapter as a normal checkpoint."""
+    from model.checkpoint import DTYPES, save_checkpoint
+    from trainer.loop import LOSS_CURVE, METRICS_FILE
+    from trainer.lora import merge_lora
+
+    merge_lora(model)
+    base_dtype = DTYPES.get(base.metadata.get("dtype", "float32"), torch.float32)
+    model.to(base_dtype)
+    training = {**run_info, "steps": result.steps, "tokens_seen": result.tokens_seen,
+                "train_loss": result.train_loss, "val_loss": result.val_loss, "merged": True}
+    kept = {name: (options.out / name).read_bytes() for name in (METRICS_FILE, LOSS_CURVE)
+            if (options.out / name).is_file()}
+    extra_files = {name: (lambda path, data=data: path.write_bytes(data)) for name, data in kept.items()}
+    save_checkpoint(options.out, model, base.tokenizer, extra_metadata={"training": training},
+                    extra_files=extra_files, model_card=model_card(options, base))
+    print(f"merged the adapter into {options.out}", file=sys.stderr)

@@ -52,6 +52,7 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     run.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(handler=run_sft_command)
 
 

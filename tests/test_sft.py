@@ -1,0 +1,235 @@
+"""SFT: the assistant-only loss mask, packing, bad input, and short runs (full, LoRA, merge)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, make_tiny_model
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.tokenizer import END, Tokenizer, TokenizerInfo
+from trainer import cli
+from trainer.evaluate import evaluate_chat_set
+from trainer.sft import (
+    IGNORE_INDEX,
+    ChatDataError,
+    PackedChatBatches,
+    encode_for_training,
+    load_model,
+    pack_rows,
+    read_chats,
+)
+
+CHATS = FIXTURES / "chats_sample.jsonl"
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Define cat."},
+    {"role": "assistant", "content": "A small feline."},
+    {"role": "user", "content": "And dog?"},
+    {"role": "assistant", "content": "A canine."},
+]
+
+
+@pytest.fixture(autouse=True)
+def only_sft_commands(monkeypatch):
+    """The real CLI entry point, isolated from other command modules."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["trainer.sft_commands"])
+
+
+def hearth(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+# --- the mask -------------------------------------------------------------------------------
+
+
+def test_mask_covers_assistant_replies_and_their_end_marker(tokenizer):
+    ids, mask = encode_for_training(tokenizer, CONVERSATION)
+    assert len(ids) == len(mask)
+    end = tokenizer.token_id(END)
+    # The masked tokens, split at each <|end|>, are exactly the two replies.
+    masked = [token for token, bit in zip(ids, mask) if bit]
+    replies, current = [], []
+    for token in masked:
+        current.append(token)
+        if token == end:
+            replies.append(tokenizer.decode(current[:-1]))
+            current = []
+    assert replies == ["A small feline.", "A canine."] and not current
+    # Nothing from the system or user turns, nor any role marker, is learned.
+    unmasked = tokenizer.decode([t for t, bit in zip(ids, mask) if not bit], skip_special=False)
+    assert "Define cat." in unmasked and "Be brief." in unmasked and "feline" not in unmasked
+
+
+def test_packed_targets_are_the_assistant_tokens(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 3)
+    chats, _ = read_chats([data], tokenizer)
+    batches = PackedChatBatches(chats, seq_len=len(chats.chat(0)[0]) * 3 - 1, pad_id=tokenizer.pad_id, shuffle=False)
+    inputs, targets = batches.next_batch(1)
+    ids, mask = encode_for_training(tokenizer, CONVERSATION)
+    row = ids * 3
+    assert inputs[0].tolist() == row[:-1]
+    expected = [token if bit else IGNORE_INDEX for token, bit in zip(row[1:], (mask * 3)[1:])]
+    assert targets[0].tolist() == expected
+
+
+def test_jinja_template_mask_by_prefix_rendering(tokenizer):
+    template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    jinja = Tokenizer(tokenizer.backend, TokenizerInfo(chat_template="jinja", jinja_template=template))
+    ids, mask = encode_for_training(jinja, CONVERSATION)
+    masked = jinja.decode([t for t, bit in zip(ids, mask) if bit], skip_special=False)
+    assert masked == "A small feline.<|end|>\nA canine.<|end|>\n"
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def test_pack_rows_keeps_every_chat_whole_and_once():
+    lengths = np.random.default_rng(0).integers(5, 60, 500)
+    rows = pack_rows(lengths, np.random.default_rng(1).permutation(500), row_len=129)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[row]) <= 129 for row in rows)
+    assert lengths.sum() / (129 * len(rows)) > 0.9  # best fit wastes little
+
+
+def test_batch_source_resumes_exactly(tokenizer):
+    chats, _ = read_chats([CHATS], tokenizer, max_len=65, limit=60)
+    source = PackedChatBatches(chats, seq_len=64, pad_id=tokenizer.pad_id, seed=3)
+    rows_per_epoch = source.rows_per_epoch()
+    source.next_batch(rows_per_epoch - 2)  # the next batch crosses into epoch 2
+    saved = json.loads(json.dumps(source.state_dict()))
+    expected = [source.next_batch(4) for _ in range(3)]
+    resumed = PackedChatBatches(chats, seq_len=64, pad_id=tokenizer.pad_id, seed=0)
+    resumed.load_state_dict(saved)
+    for want in expected:
+        got = resumed.next_batch(4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert resumed.epoch == 1
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_records_are_skipped_with_location_or_stop_with_strict(tokenizer, tmp_path):
+    good = {"messages": CONVERSATION[1:3]}
+    data = write_jsonl(tmp_path / "c.jsonl", [
+        good,
+        "{not json",
+        {"messages": [{"role": "wizard", "content": "hi"}, CONVERSATION[2]]},
+        {"messages": [CONVERSATION[1]]},
+        {"kind": "no messages"},
+        good,
+    ])
+    chats, report = read_chats([data], tokenizer)
+    assert len(chats) == 2 and report.skipped == 4
+    assert report.problems[0].startswith(f"{data}:2: not valid JSON")
+    assert "unknown role 'wizard'" in report.problems[1] and report.problems[1].startswith(f"{data}:3:")
+    assert "no assistant turn" in report.problems[2]
+    with pytest.raises(ChatDataError, match=f"^{data}:2: not valid JSON"):
+        read_chats([data], tokenizer, strict=True)
+    with pytest.raises(ChatDataError, match="file not found"):
+        read_chats([tmp_path / "missing.jsonl"], tokenizer)
+    with pytest.raises(ChatDataError, match="no usable chats"):
+        read_chats([write_jsonl(tmp_path / "bad.jsonl", ["[1, 2"])], tokenizer)
+
+
+def test_long_chats_truncated_or_dropped(tokenizer):
+    lengths = [len(encode_for_training(tokenizer, json.loads(line)["messages"])[0])
+               for line in CHATS.read_text().splitlines()[:50]]
+    max_len = sorted(lengths)[40]
+    truncated, report = read_chats([CHATS], tokenizer, max_len=max_len, limit=50)
+    assert len(truncated) == 50 and report.truncated == sum(n > max_len for n in lengths)
+    assert truncated.lengths().max() == max_len
+    dropped, report = read_chats([CHATS], tokenizer, max_len=max_len, long_chats="drop", limit=50)
+    assert report.dropped_long == sum(n > max_len for n in lengths)
+    assert dropped.lengths().max() <= max_len
+
+
+def test_cli_bad_input_is_one_line_and_leaves_no_output(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cases = [
+        (["--data", tmp_path / "missing.jsonl"], "file not found"),
+        (["--data", CHATS, "--merge"], "--merge needs --lora-rank"),
+        (["--data", write_jsonl(tmp_path / "b.jsonl", ["{x"]), "--strict"], "b.jsonl:1: not valid JSON"),
+        (["--data", CHATS, "--lora-rank", 2, "--lora-targets", "q,attn"], "unknown module 'attn'"),
+        (["--data", CHATS, "--epochs", 1, "--max-steps", 3], "not both"),
+    ]
+    for extra, message in cases:
+        assert hearth("sft", "--base", tiny_model_dir, "--out", out, *extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+        assert not out.exists()
+    # A folder of unrelated files is never replaced; a model folder needs --overwrite.
+    (out / "notes").mkdir(parents=True)
+    assert hearth("sft", "--base", tiny_model_dir, "--data", CHATS, "--out", out, "--overwrite") == 1
+    assert "holds no Hearth model" in capsys.readouterr().err and (out / "notes").is_dir()
+    assert hearth("sft", "--base", tiny_model_dir, "--data", CHATS, "--out", tiny_model_dir, "--overwrite") == 1
+    assert "base model's folder" in capsys.readouterr().err
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+RUN = ["--data", CHATS, "--seq-len", 128, "--batch-size", 8, "--no-progress"]
+
+
+def assistant_loss(model, tokenizer) -> float:
+    chats, _ = read_chats([CHATS], tokenizer, max_len=129, limit=80)
+    total, _ = evaluate_chat_set(model.eval(), chats, tokenizer.pad_id)
+    return total.mean
+
+
+def test_full_sft_lowers_assistant_loss(capsys, tmp_path, tiny_model_dir, tokenizer):
+    out = tmp_path / "full"
+    before = assistant_loss(load_checkpoint(tiny_model_dir).model, tokenizer)
+    assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 6, "--lr", 3e-3) == 0
+    tuned = load_checkpoint(out)
+    after = assistant_loss(tuned.model, tokenizer)
+    assert after < before - 0.3, (before, after)
+    training = tuned.metadata["training"]
+    assert training["task"] == "sft" and training["steps"] == 6 and training["lora"] is None
+    assert training["chats"] == 401 and training["loss"] == "assistant tokens only"
+
+
+def test_lora_sft_merge_equals_adapter_and_refuses_other_base(capsys, tmp_path, tiny_model_dir, tokenizer):
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert hearth("sft", "--base", tiny_model_dir, "--out", adapter_dir, *RUN, "--max-steps", 4,
+                  "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", "q,v,down", "--lr", 1e-2) == 0
+    assert sorted(p.name for p in adapter_dir.iterdir()) >= ["adapter.safetensors", "adapter_config.json"]
+    assert hearth("merge-lora", tiny_model_dir, adapter_dir, "--out", merged_dir) == 0
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = load_model(adapter_dir).model(tokens)
+        merged = load_checkpoint(merged_dir).model(tokens)
+        base = load_checkpoint(tiny_model_dir).model(tokens)
+    assert (adapted - base).abs().max() > 1e-4  # training moved the adapter off zero
+    assert (merged - adapted).abs().max() <= 1e-5
+    assert load_checkpoint(merged_dir).metadata["training"]["lora"]["targets"] == ["q", "v", "down"]
+
+    other = tmp_path / "other"
+    save_checkpoint(other, make_tiny_model(tokenizer, seed=5), tokenizer)
+    capsys.readouterr()
+    assert hearth("merge-lora", other, adapter_dir, "--out", tmp_path / "bad") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "weights of" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    assert hearth("merge-lora", tiny_model_dir, adapter_dir, "--out", merged_dir) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_sft_merge_flag_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir):
+    out = tmp_path / "merged"
+    assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 2, "--lora-rank", 2,
+                  "--merge") == 0
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.metadata["training"]["merged"] is True
+    assert not (out / "adapter_config.json").exists() and (out / "metrics.jsonl").is_file()
