@@ -291,8 +291,9 @@ class _Runner:
         interrupted = stop.received
         if interrupted:
             self.log(f"{interrupted}: saving a checkpoint at step {self.state.step}")
-        elif self.val_data is not None and self.last_eval_step != self.state.step:
-            self._evaluate()
+        elif (self.val_data is not None and self.state.step >= self.config.max_steps
+              and self.last_eval_step != self.state.step):
+            self._evaluate()  # at the real end only; a --stop-at pause leaves the metrics as a straight run's
         self._save(final=True)
         self._report_end(interrupted)
         return TrainResult(self.state.step, self.state.tokens_seen, self.state.train_loss, self.state.val_loss,

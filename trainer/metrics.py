@@ -12,6 +12,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def peak_flops(device: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def _measure_cpu_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -> float:
+@functools.lru_cache(maxsize=None)  # once per process and dtype
+def _measure_cpu_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm-up: thread pool, kernel selection
