@@ -19,6 +19,7 @@ Design choices:
 - Failures are contained: an exception sampling one sequence fails its request
   (RequestFailedError mid-stream); an exception in the forward fails the
   step's requests; the loop itself carries on.
+- Requests submitted before `start()` wait in the queue until it is called.
 - Usage timings: queue = arrival -> first scheduled, prefill = first scheduled
   -> first token, decode = first token -> finish.
 """
@@ -209,16 +210,19 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; admission errors raise before the first one."""
         state = self._admit(request)
+        done = False
         try:
             while True:
                 item = await state.queue.get()
+                done = isinstance(item, BaseException) or item.finished
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if done:
                     return
         finally:
-            self.abort(request.request_id)  # a no-op once finished; frees blocks if the consumer left
+            if not done:  # the consumer left early: free its blocks
+                self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -228,8 +232,6 @@ class Engine:
 
     def _admit(self, request: GenerationRequest) -> _RequestState:
         self._check(request)
-        if self._thread is None:
-            self.start()
         params = request.params
         vocab_size = self.model.config.vocab_size
         samplers = [SequenceSampler(params, request.prompt_ids, vocab_size, choice) for choice in range(params.n)]
@@ -356,9 +358,9 @@ class Engine:
             state = self._requests[request_id]
             finished = len(state.finished_choices) == state.request.params.n
             usage = self._usage(state, now) if finished else None
-            self._deliver(state, RequestOutput(request_id, request_deltas, usage, finished))
-            if finished:
+            if finished:  # before delivering: the caller may reuse the id as soon as it has this
                 self._forget(request_id)
+            self._deliver(state, RequestOutput(request_id, request_deltas, usage, finished))
 
     def _delta(self, state: _RequestState, event: TokenEvent, sample: SampleResult) -> CompletionDelta:
         seq, choice = event.seq, event.seq.choice_index
@@ -410,8 +412,8 @@ class Engine:
         state = self._requests.get(request_id)
         self.scheduler.abort_request(request_id)
         if state is not None:
-            self._deliver(state, error)
             self._forget(request_id)
+            self._deliver(state, error)
 
     def _fail_all(self, error: RequestFailedError) -> None:
         with self._lock:

@@ -1,0 +1,275 @@
+"""The engine end to end on a tiny float32 model: exactness against the reference generator,
+batch invariance, prefix caching, preemption, cancellation, sampling, errors."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from model.checkpoint import load_checkpoint
+from model.generate import GenerationSettings, generate
+from server.engine import Engine, EngineConfig
+from server.engine.types import (
+    ContextOverflowError,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    SamplingParams,
+    Usage,
+)
+
+
+@dataclass
+class Choice:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Result:
+    choices: dict[int, Choice]
+    usage: Usage | None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.choices[0].tokens
+
+
+async def collect(engine, request_id, prompt, params) -> Result:
+    choices: dict[int, Choice] = {}
+    usage = None
+    async for output in engine.generate(GenerationRequest(request_id, list(prompt), params)):
+        for delta in output.deltas:
+            choice = choices.setdefault(delta.index, Choice())
+            choice.tokens += delta.token_ids
+            choice.logprobs += [entry.logprob for entry in delta.logprobs or []]
+            choice.text += delta.text
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+        usage = output.usage or usage
+    return Result(choices, usage)
+
+
+async def collect_all(engine, requests):
+    """requests: [(prompt, params)] -> results, all submitted at once."""
+    return await asyncio.gather(*(collect(engine, f"req-{i}", p, params) for i, (p, params) in enumerate(requests)))
+
+
+def make_engine(path, **overrides) -> Engine:
+    options = dict(dtype="float32", max_num_seqs=16, max_num_batched_tokens=64)
+    engine = Engine.from_checkpoint(path, EngineConfig(**{**options, **overrides}))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_checkpoint(tiny_model_dir).model
+
+
+def prompts(tokenizer, count):
+    """Distinct prompts of growing lengths (about 4 to 100 tokens)."""
+    words = "to be or not to be that is the question whether tis nobler in the mind to suffer".split() * 12
+    return [tokenizer.encode(" ".join(words[i:i + 2 + 7 * i]), add_bos=True) for i in range(count)]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, logprobs=3)
+
+
+def test_greedy_equals_the_reference_generator(engine, model, tokenizer):
+    batch = prompts(tokenizer, 6)
+    results = asyncio.run(collect_all(engine, [(p, GREEDY) for p in batch]))
+    for prompt, result in zip(batch, results):
+        settings = GenerationSettings(max_tokens=24, temperature=0, stop_ids=tuple(tokenizer.stop_ids))
+        assert result.tokens == list(generate(model, prompt, settings))
+        assert len(result.choices[0].logprobs) == len(result.tokens)
+
+
+def test_a_request_alone_equals_it_among_eight_others(tiny_model_dir, tokenizer):
+    """Bitwise: same tokens and logprobs whatever else shares the steps (and the token budget)."""
+    engine = make_engine(tiny_model_dir, enable_prefix_caching=False, max_num_batched_tokens=48)
+    try:
+        target, *others = prompts(tokenizer, 9)[::-1]  # the longest prompt: chunked differently when crowded
+        alone = asyncio.run(collect(engine, "alone", target, GREEDY))
+        crowded = asyncio.run(collect_all(engine, [(p, GREEDY) for p in others[:4]] + [(target, GREEDY)]
+                                          + [(p, GREEDY) for p in others[4:]]))
+        assert crowded[4].choices[0] == alone.choices[0]
+    finally:
+        engine.shutdown()
+
+
+def test_prefix_cached_equals_uncached(tiny_model_dir, tokenizer):
+    system = tokenizer.encode("You are a helpful assistant who answers in verse. " * 3, add_bos=True)
+    turn = system + tokenizer.encode(" Who is the prince of Denmark?")
+    cached_engine = make_engine(tiny_model_dir)
+    plain_engine = make_engine(tiny_model_dir, enable_prefix_caching=False)
+    try:
+        asyncio.run(collect(cached_engine, "warm", system + tokenizer.encode(" Hello"), GREEDY))
+        cached = asyncio.run(collect(cached_engine, "turn", turn, GREEDY))
+        plain = asyncio.run(collect(plain_engine, "turn", turn, GREEDY))
+        assert cached.usage.cached_tokens == len(system) // 16 * 16 > 0
+        assert plain.usage.cached_tokens == 0
+        assert cached.choices[0] == plain.choices[0]
+        assert cached_engine.stats().prefix_cache_hit_tokens >= cached.usage.cached_tokens
+    finally:
+        cached_engine.shutdown()
+        plain_engine.shutdown()
+
+
+def test_preempted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer):
+    # 18 blocks of 16 tokens for four requests growing to 100-150 tokens each: preemption is certain.
+    small_pool = make_engine(tiny_model_dir, kv_cache_blocks=18, enable_prefix_caching=False)
+    try:
+        params = SamplingParams(max_tokens=60, temperature=0, logprobs=0, ignore_eos=True)
+        batch = prompts(tokenizer, 8)[4:]
+        squeezed = asyncio.run(collect_all(small_pool, [(p, params) for p in batch]))
+        assert small_pool.scheduler.num_preemptions > 0
+        roomy = make_engine(tiny_model_dir)
+        try:
+            for prompt, result in zip(batch, squeezed):
+                assert asyncio.run(collect(roomy, "solo", prompt, params)).choices[0] == result.choices[0]
+        finally:
+            roomy.shutdown()
+        assert small_pool.stats().kv_blocks_used == 0
+    finally:
+        small_pool.shutdown()
+
+
+def test_cancelled_requests_free_every_block(engine, tokenizer):
+    async def start_and_leave(index, prompt):
+        params = SamplingParams(max_tokens=140, temperature=0, ignore_eos=True)
+        stream = engine.generate(GenerationRequest(f"leaver-{index}", prompt, params))
+        async for _ in stream:
+            break  # the client goes away after its first output
+        await stream.aclose()
+
+    async def scenario():
+        await asyncio.gather(*(start_and_leave(i, p) for i, p in enumerate(prompts(tokenizer, 6))))
+        for _ in range(200):  # aborts apply at the start of the next step
+            if engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(scenario())
+    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_usable_blocks
+
+
+def test_seeded_sampling_reproduces_under_different_batch_mixes(engine, tokenizer):
+    batch = prompts(tokenizer, 6)
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = asyncio.run(collect(engine, "seeded", batch[2], seeded))
+    neighbours = [(p, SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i, p in enumerate(batch)]
+    mixed = asyncio.run(collect_all(engine, neighbours[:3] + [(batch[2], seeded)] + neighbours[3:]))
+    assert mixed[3].tokens == alone.tokens
+    other_seed = asyncio.run(collect(engine, "other", batch[2], SamplingParams(max_tokens=20, temperature=0.9, seed=99)))
+    assert other_seed.tokens != alone.tokens
+
+
+def test_n_choices_share_the_prompt_and_choice_zero_matches_n_equals_one(engine, tokenizer):
+    prompt = prompts(tokenizer, 5)[4]
+    single = asyncio.run(collect(engine, "single", prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)))
+    multi = asyncio.run(collect(engine, "multi", prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=3, ignore_eos=True)))
+    assert sorted(multi.choices) == [0, 1, 2]
+    assert multi.choices[0].tokens == single.tokens
+    assert multi.choices[1].tokens != multi.choices[2].tokens
+    assert all(c.finish_reason == "length" and len(c.tokens) == 10 for c in multi.choices.values())
+    assert multi.usage.completion_tokens == 30 and multi.usage.prompt_tokens == len(prompt)
+
+
+def test_stop_strings_are_never_emitted_and_stop_ids_end_the_choice(engine, tokenizer):
+    prompt = prompts(tokenizer, 4)[3]
+    free = asyncio.run(collect(engine, "free", prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
+    text = free.choices[0].text
+    assert free.choices[0].finish_reason == "length" and len(text) > 12
+    stop = text[8:12]
+    stopped = asyncio.run(collect(engine, "stopped", prompt, SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True)))
+    assert stopped.choices[0].text == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    stop_id = free.tokens[5]
+    by_id = asyncio.run(collect(engine, "by-id", prompt, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id])))
+    assert by_id.tokens == free.tokens[: free.tokens.index(stop_id)]
+    assert by_id.choices[0].finish_reason == "stop"
+
+
+def test_usage_record(engine, tokenizer):
+    prompt = prompts(tokenizer, 3)[2]
+    result = asyncio.run(collect(engine, "usage", prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)))
+    usage = result.usage
+    assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == 7
+    assert min(usage.queue_time, usage.prefill_time, usage.decode_time) >= 0
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_a_failing_sample_fails_only_its_request(engine, tokenizer):
+    batch = prompts(tokenizer, 3)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    poisoned = SamplingParams(max_tokens=8, temperature=0, logit_bias={5: float("nan")})  # passes validate(), fails in the sampler
+
+    async def scenario():
+        outcomes = await asyncio.gather(collect(engine, "good-0", batch[0], params), collect(engine, "bad", batch[1], poisoned),
+                                        collect(engine, "good-2", batch[2], params), return_exceptions=True)
+        return outcomes
+
+    good_0, bad, good_2 = asyncio.run(scenario())
+    assert isinstance(bad, RequestFailedError) and "logit_bias" in str(bad)
+    assert good_0.tokens == asyncio.run(collect(engine, "again-0", batch[0], params)).tokens
+    assert len(good_2.tokens) > 0
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_admission_errors(tiny_model_dir, engine, tokenizer):
+    prompt = prompts(tokenizer, 1)[0]
+    with pytest.raises(ContextOverflowError) as overflow:
+        asyncio.run(collect(engine, "long", prompt, SamplingParams(max_tokens=300)))
+    assert overflow.value.limit == 256 and overflow.value.requested == len(prompt) + 300
+    assert "256" in str(overflow.value) and str(len(prompt) + 300) in str(overflow.value)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        asyncio.run(collect(engine, "bad", prompt, SamplingParams(top_p=0)))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        asyncio.run(collect(engine, "empty", [], SamplingParams()))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        asyncio.run(collect(engine, "oov", [1, 10_000], SamplingParams()))
+
+
+def test_queue_overflow_is_a_distinct_error(tiny_model_dir, tokenizer):
+    engine = Engine.from_checkpoint(tiny_model_dir, EngineConfig(dtype="float32", max_num_seqs=2, max_waiting=1))
+    params = SamplingParams(max_tokens=3, temperature=0)
+
+    async def scenario():
+        # Not started yet: nothing is admitted, so the bound is exact: 2 free slots + 1 waiting.
+        first = [asyncio.ensure_future(collect(engine, f"q{i}", [1, 2, 3 + i], params)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await collect(engine, "overflow", [1, 2, 3], params)
+        engine.start()
+        return await asyncio.gather(*first)
+
+    try:
+        results = asyncio.run(scenario())
+        assert all(len(r.tokens) == 3 for r in results)
+    finally:
+        engine.shutdown()
+
+
+def test_the_event_loop_stays_responsive_while_the_engine_computes(engine, tokenizer):
+    async def scenario():
+        ticks = 0
+        task = asyncio.ensure_future(collect(engine, "busy", prompts(tokenizer, 6)[5],
+                                             SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)))
+        while not task.done():
+            await asyncio.sleep(0.002)
+            ticks += 1
+        return ticks, await task
+
+    ticks, result = asyncio.run(scenario())
+    assert len(result.tokens) == 150 and ticks >= 10
