@@ -95,7 +95,7 @@ def test_eval_jsonl_text_records(capsys, tmp_path, tiny_model_dir):
 
 def test_eval_bad_input_is_one_line_error(capsys, tmp_path, tiny_model_dir):
     assert main(["eval", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.jsonl'}: file not found"
+    assert capsys.readouterr().err.strip() == f"error: --data {tmp_path / 'nope.jsonl'}: no such file or folder"
     assert main(["eval", str(tmp_path), "--data", str(CHATS)]) == 1
     assert capsys.readouterr().err.startswith("error: ")
     bad = tmp_path / "bad.jsonl"

@@ -11,18 +11,20 @@ import torch
 
 from conftest import FIXTURES, make_tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.errors import HearthError
 from model.tokenizer import END, Tokenizer, TokenizerInfo
 from trainer import cli
 from trainer.evaluate import evaluate_chat_set
-from trainer.sft import (
+from trainer.chat_data import (
     IGNORE_INDEX,
     ChatDataError,
     PackedChatBatches,
     encode_for_training,
-    load_model,
     pack_rows,
     read_chats,
 )
+from trainer.data import DataError
+from trainer.sft import load_model
 
 CHATS = FIXTURES / "chats_sample.jsonl"
 CONVERSATION = [
@@ -72,7 +74,8 @@ def test_mask_covers_assistant_replies_and_their_end_marker(tokenizer):
 
 def test_packed_targets_are_the_assistant_tokens(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 3)
-    chats, _ = read_chats([data], tokenizer)
+    chats, report = read_chats([data], tokenizer, dedupe=False)
+    assert len(chats) == 3 and read_chats([data], tokenizer)[1].duplicates == 2
     batches = PackedChatBatches(chats, seq_len=len(chats.chat(0)[0]) * 3 - 1, pad_id=tokenizer.pad_id, shuffle=False)
     inputs, targets = batches.next_batch(1)
     ids, mask = encode_for_training(tokenizer, CONVERSATION)
@@ -121,23 +124,24 @@ def test_batch_source_resumes_exactly(tokenizer):
 
 
 def test_bad_records_are_skipped_with_location_or_stop_with_strict(tokenizer, tmp_path):
-    good = {"messages": CONVERSATION[1:3]}
-    data = write_jsonl(tmp_path / "c.jsonl", [
-        good,
+    records = [
+        {"messages": CONVERSATION[1:3]},
         "{not json",
         {"messages": [{"role": "wizard", "content": "hi"}, CONVERSATION[2]]},
         {"messages": [CONVERSATION[1]]},
         {"kind": "no messages"},
-        good,
-    ])
+        {"messages": CONVERSATION},
+    ]
+    data = write_jsonl(tmp_path / "c.jsonl", records)
     chats, report = read_chats([data], tokenizer)
     assert len(chats) == 2 and report.skipped == 4
-    assert report.problems[0].startswith(f"{data}:2: not valid JSON")
-    assert "unknown role 'wizard'" in report.problems[1] and report.problems[1].startswith(f"{data}:3:")
-    assert "no assistant turn" in report.problems[2]
-    with pytest.raises(ChatDataError, match=f"^{data}:2: not valid JSON"):
-        read_chats([data], tokenizer, strict=True)
-    with pytest.raises(ChatDataError, match="file not found"):
+    assert sorted(p.split(": ")[0] for p in report.problems) == [f"{data}:{n}" for n in (2, 3, 4, 5)]
+    assert f"{data}:4: chat has no assistant turn" in report.problems[-1]
+    for line, reason in ((2, "not valid JSON"), (3, "unknown role 'wizard'"), (4, "no assistant turn")):
+        strict_data = write_jsonl(tmp_path / f"strict{line}.jsonl", [records[0], records[line - 1]])
+        with pytest.raises(HearthError, match=f"^{strict_data}:2: .*{reason}"):
+            read_chats([strict_data], tokenizer, strict=True)
+    with pytest.raises(DataError, match="no such file"):
         read_chats([tmp_path / "missing.jsonl"], tokenizer)
     with pytest.raises(ChatDataError, match="no usable chats"):
         read_chats([write_jsonl(tmp_path / "bad.jsonl", ["[1, 2"])], tokenizer)
@@ -158,7 +162,7 @@ def test_long_chats_truncated_or_dropped(tokenizer):
 def test_cli_bad_input_is_one_line_and_leaves_no_output(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     cases = [
-        (["--data", tmp_path / "missing.jsonl"], "file not found"),
+        (["--data", tmp_path / "missing.jsonl"], "no such file or folder"),
         (["--data", CHATS, "--merge"], "--merge needs --lora-rank"),
         (["--data", write_jsonl(tmp_path / "b.jsonl", ["{x"]), "--strict"], "b.jsonl:1: not valid JSON"),
         (["--data", CHATS, "--lora-rank", 2, "--lora-targets", "q,attn"], "unknown module 'attn'"),

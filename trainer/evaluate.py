@@ -1,13 +1,16 @@
 """`hearth eval`: perplexity on text, loss on the assistant tokens of chats.
 
 Design choices:
-- What the data is comes from its content, not its name: a file whose first
-  record is a JSON object with "messages" (or a bare list of messages) is
-  chats; anything else is text, read by the trainer's data pipeline.
-- Text: documents are tokenized as for pretraining and concatenated, then cut
-  into windows of seq_len + 1 tokens that overlap by one token, so every
-  token after the first is predicted exactly once (context restarts at each
-  window). loss = mean next-token cross-entropy, perplexity = exp(loss).
+- Inputs are read by the trainer's data pipeline (`trainer/data.py`: files,
+  folders, globs, datasets; the pretraining cleaning, but no de-duplication
+  and no length filter: score what was given). Whether the data is chats or
+  text comes from the records: `{"messages": [...]}` is a chat, a text file or
+  a `{"text": ...}` record is text; mixing the two is refused.
+- Text: documents are framed as pretraining frames them (<|bos|> text
+  <|eos|>), concatenated, and cut into windows of seq_len + 1 tokens that
+  overlap by one token, so every token after the first is predicted exactly
+  once (context restarts at each window). loss = mean next-token
+  cross-entropy, perplexity = exp(loss).
 - Chats: each chat is scored alone, exactly as it is served (no packing),
   right-padded in batches; right padding cannot change earlier positions
   under causal attention. Only assistant tokens count (the SFT mask).
@@ -20,18 +23,19 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model.errors import HearthError
-from trainer.sft import ChatSet, iter_json_lines, read_chats, ChatReadReport, open_text
+from trainer.chat_data import ChatSet, chat_reader, encode_chats
+from trainer.data import Document
 
 DEFAULT_BATCH_TOKENS = 8192  # tokens per forward pass
 
@@ -91,40 +95,25 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, device: str = "cpu"
     return total
 
 
-def read_text_tokens(paths: Sequence[str | Path], tokenizer, limit: int | None, max_tokens: int | None) -> np.ndarray:
-    """Token stream of text files, as pretraining tokenizes them (BOS before each document)."""
-    documents = iter_documents(paths)
+def text_tokens(documents: Iterable[Document], tokenizer, limit: int | None,
+                max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """(token stream, documents used): text framed as pretraining frames it, <|bos|> text <|eos|>."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     runs, count = [], 0
-    for index, text in enumerate(documents):
-        if limit is not None and index >= limit:
+    for index, document in enumerate(documents):
+        if limit is not None and index >= limit or max_tokens is not None and count > max_tokens:
             break
-        ids = tokenizer.encode(text, add_bos=True)
+        if document.chunks is None:
+            raise HearthError(f"{document.origin}: a chat among text data; evaluate chats and text separately")
+        ids = bos + [token for piece in tokenizer.encode_batch(list(document.chunks)) for token in piece] + eos
         runs.append(np.asarray(ids, dtype=np.int64))
         count += len(ids)
-        if max_tokens is not None and count > max_tokens:
-            break
     if not runs:
-        raise HearthError(f"{', '.join(map(str, paths))}: no text to evaluate")
+        raise HearthError("--data: no text to evaluate")
     tokens = np.concatenate(runs)
     # max_tokens counts predicted tokens: keep one more for the first context token.
-    return tokens[: max_tokens + 1] if max_tokens is not None else tokens
-
-
-def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
-    """Documents of text files: one per file (plain or gzip) or one per JSONL record's "text"."""
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise HearthError(f"{path}: file not found")
-        if looks_like_jsonl(path):
-            for location, record in iter_json_lines(path, ChatReadReport(), strict=True):
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise HearthError(f'{location}: expected an object with a "text" string')
-                yield text
-        else:
-            with open_text(path) as handle:
-                yield handle.read()
+    return (tokens[: max_tokens + 1] if max_tokens is not None else tokens), len(runs)
 
 
 # --- chats --------------------------------------------------------------------------------
@@ -165,47 +154,31 @@ def evaluate_chat_set(model, chats: ChatSet, pad_id: int, device: str = "cpu", b
 # --- entry point --------------------------------------------------------------------------
 
 
-def looks_like_jsonl(path: Path) -> bool:
-    """True when the first non-blank line parses as a JSON object or array."""
-    with open_text(path) as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), (dict, list))
-                except json.JSONDecodeError:
-                    return False
-    return False
-
-
-def is_chat_data(path: Path) -> bool:
-    """Chats: the first record is {"messages": [...]} or a bare list of messages."""
-    if not Path(path).is_file():
-        raise HearthError(f"{path}: file not found")
-    if not looks_like_jsonl(path):
-        return False
-    with open_text(path) as handle:
-        first = json.loads(next(line for line in handle if line.strip()))
-    return isinstance(first, list) or (isinstance(first, dict) and "messages" in first)
-
-
 def evaluate(checkpoint, data: Sequence[str | Path], device: str = "cpu", bf16: bool = False,
              seq_len: int | None = None, limit: int | None = None, max_tokens: int | None = None,
              strict: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, Any]:
     """The `hearth eval` result for one checkpoint (see module docstring)."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     seq_len = min(seq_len or checkpoint.config.max_seq_len, checkpoint.config.max_seq_len)
-    kinds = {is_chat_data(Path(p)) for p in data}
-    if len(kinds) > 1:
-        raise HearthError("--data: mix of chat and text files; evaluate them separately")
+    reader = chat_reader(data, strict, dedupe=False)
+    documents = reader.documents()
+    first = next(documents, None)
+    if first is None:
+        raise HearthError(f"--data: no documents to evaluate in {', '.join(map(str, data))}")
+    documents = itertools.chain([first], documents)
     result: dict[str, Any] = {"checkpoint": str(checkpoint.path), "data": [str(p) for p in data]}
-    if kinds.pop():
-        chats, report = read_chats(data, tokenizer, max_len=checkpoint.config.max_seq_len, strict=strict, limit=limit)
+    if first.messages is not None:
+        chats, report = encode_chats(documents, tokenizer, checkpoint.config.max_seq_len, "truncate", strict, limit)
+        if not len(chats):
+            raise HearthError(f"--data: no usable chats (first problem: {(report.problems or ['?'])[0]})")
         chats = chats.head(max_tokens) if max_tokens is not None else chats
         total, all_tokens = evaluate_chat_set(model, chats, tokenizer.pad_id or 0, device, bf16, batch_tokens)
-        result.update(chats=len(chats), skipped=report.skipped, truncated=report.truncated, tokens=all_tokens,
-                      assistant_tokens=total.tokens, assistant_loss=total.mean, assistant_perplexity=total.perplexity)
+        result.update(chats=len(chats), skipped=report.skipped + reader.stats.bad_lines, truncated=report.truncated,
+                      tokens=all_tokens, assistant_tokens=total.tokens, assistant_loss=total.mean,
+                      assistant_perplexity=total.perplexity)
     else:
-        tokens = read_text_tokens(data, tokenizer, limit, max_tokens)
+        tokens, num_documents = text_tokens(documents, tokenizer, limit, max_tokens)
         total = evaluate_tokens(model, tokens, seq_len, device, bf16, batch_tokens)
-        result.update(tokens=total.tokens, loss=total.mean, perplexity=total.perplexity)
+        result.update(documents=num_documents, tokens=total.tokens, loss=total.mean,
+                      perplexity=total.perplexity)
     return result
