@@ -190,7 +190,6 @@ class _StreamObserver:
         self.started = self.last_token_time = time.perf_counter()
         self.num_generated = 0
         self.finish_reasons: list[str] = []
-        self.usage_seen = False
 
     def observe(self, output: Any) -> None:
         now = time.perf_counter()
@@ -214,8 +213,12 @@ class _StreamObserver:
             self._observe_usage(output.usage)
 
     def _observe_usage(self, usage: Any) -> None:
-        self.usage_seen = True
         self.metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
+        # The usage is authoritative: a stop token is counted there but carried by no delta.
+        uncounted = usage.completion_tokens - self.num_generated
+        if uncounted > 0:
+            self.metrics.generation_tokens.labels(self.model).inc(uncounted)
+            self.num_generated += uncounted
         if self.record is not None:
             self.record.prompt_tokens = usage.prompt_tokens
             self.record.cached_tokens = usage.cached_tokens

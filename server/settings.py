@@ -71,7 +71,9 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one engine step (prefill chunks + decodes)")
     max_waiting: int = Field(256, ge=0, description="bounded admission queue; beyond it requests get 429")
-    kv_cache_blocks: int | None = Field(None, ge=1, description="KV cache size in blocks (default: sized from memory)")
+    kv_cache_blocks: int | None = Field(None, ge=1, description="KV cache size in blocks (default: from kv_cache_memory_gb)")
+    kv_cache_memory_gb: float = Field(2.0, gt=0, description="KV cache budget in GiB when kv_cache_blocks is not set")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
 
     # Process
@@ -150,6 +152,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{info.description} [env {ENV_PREFIX}{name.upper()}]"
         if name == "models":
             parser.add_argument("--model", "--models", dest=name, action="append", default=None, help=help_text)
+        elif info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
 

@@ -9,7 +9,7 @@
 
 const $ = (id) => document.getElementById(id);
 const STORAGE_KEY = "hearth.settings.v1";
-const SETTING_IDS = ["temperature", "top-k", "top-p", "max-tokens", "system", "api-key"];
+const SETTING_IDS = ["temperature", "top-k", "top-p", "max-tokens", "seed", "system", "api-key"];
 
 const state = {
   messages: [],        // the conversation sent with each request: {role, content}
@@ -170,7 +170,7 @@ async function readEvents(body, onData) {
 function requestBody() {
   const system = $("system").value.trim();
   const messages = system ? [{ role: "system", content: system }, ...state.messages] : state.messages;
-  return {
+  const body = {
     model: $("model").value,
     messages,
     stream: true,
@@ -180,11 +180,14 @@ function requestBody() {
     top_k: Math.max(0, Math.floor(Number($("top-k").value) || 0)),
     max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 1)),
   };
+  const seed = $("seed").value.trim();
+  if (seed !== "") body.seed = Math.floor(Number(seed));  // same seed + settings: same reply
+  return body;
 }
 
 function describeTiming(timing, usage) {
   const tokens = usage ? usage.completion_tokens : timing.chunks;
-  const parts = [`${tokens} tokens`];
+  const parts = [`${tokens} token${tokens === 1 ? "" : "s"}`];
   if (timing.first !== null) {
     parts.push(`first token ${((timing.first - timing.start) / 1000).toFixed(2)} s`);
     const decodeSeconds = (performance.now() - timing.first) / 1000;
@@ -234,6 +237,8 @@ async function send(text) {
     const partial = node.querySelector(".content").textContent;
     if (err.name === "AbortError") {
       node.classList.add("stopped");
+      const meta = node.querySelector(".meta");
+      setMeta(node, meta && meta.textContent ? `stopped \u00b7 ${meta.textContent}` : "stopped");
       state.messages.push({ role: "assistant", content: partial });  // keep what was shown
     } else if (partial) {
       showError(err.message);

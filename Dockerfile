@@ -1,0 +1,63 @@
+# Hearth server image: CPU torch by default, non-root, weights in a volume, port 8080.
+#
+#   docker build -t hearth .                                              # CPU (PyPI + PyTorch CPU index)
+#   docker build -t hearth:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker build -t hearth --build-arg BASE_IMAGE=hearth-base:bookworm .  # no registry: scripts/make-base-image.sh
+#   docker run -p 8080:8080 -v hearth-weights:/app/weights hearth
+#
+# Torch comes first, from `docker/wheels/` when a matching wheel is there (offline builds), else
+# from TORCH_INDEX_URL; the CPU index keeps pip from pulling several GB of CUDA libraries. The
+# CUDA wheels bundle their runtime libraries, so the same slim base serves both (run the CUDA
+# image with `--gpus all` and HEARTH_DEVICE=cuda). Plain Dockerfile syntax only (no BuildKit
+# features), so the legacy builder of older daemons builds it too.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: a virtual environment with torch, the dependencies, and Hearth itself ----
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG WHEEL_DIR=docker/wheels
+# PIP_NO_INDEX=1: install only from the wheels in WHEEL_DIR (offline builds; pip reads it from the env).
+ARG PIP_NO_INDEX=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Torch in its own layer: it is the big one and changes least often.
+COPY ${WHEEL_DIR}/ /wheels/
+RUN pip install --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
+    && python -c "import torch; print('torch', torch.__version__)"
+
+# Then the other dependencies (cached until pyproject.toml changes), then the code.
+COPY pyproject.toml README.md /src/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --find-links /wheels "torch==${TORCH_VERSION}" "setuptools>=68" -r /tmp/requirements.txt
+COPY . /src/
+# --no-build-isolation: build with the setuptools just installed (offline builds have no index to fetch it from).
+RUN pip install --no-deps --no-build-isolation /src \
+    && mkdir -p /stage/weights && if [ -d /src/weights ]; then cp -a /src/weights/. /stage/weights/; fi
+
+# ---- runtime: the venv, the bundled weights, a non-root user ----
+FROM ${BASE_IMAGE}
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin hearth \
+    && mkdir -p /app/weights /app/.hearth-cache && chown -R hearth:hearth /app
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build --chown=hearth:hearth /stage/weights /app/weights
+COPY docker/entrypoint.sh /usr/local/bin/hearth-entrypoint
+WORKDIR /app
+# Inside a container the server must listen on every interface to be reachable through the port
+# map; outside Docker the default stays 127.0.0.1.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HEARTH_HOST=0.0.0.0 \
+    HEARTH_PORT=8080 \
+    HEARTH_MODELS=/app/weights/default
+USER hearth
+VOLUME ["/app/weights"]
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HEARTH_PORT', '8080'), timeout=4)"]
+ENTRYPOINT ["hearth-entrypoint"]
+CMD ["serve"]
