@@ -174,7 +174,7 @@ def sample_batch(logits: Tensor, samplers: list[SequenceSampler]) -> list[Sample
         for row, s in enumerate(samplers)
         if s.vocab_size != vocab_size
     }
-    processed = _apply_logit_processors(raw, samplers, failures)
+    processed = apply_logit_processors(raw, samplers, failures)
     alive = [row for row in range(len(samplers)) if row not in failures]
     greedy = [row for row in alive if samplers[row].is_greedy]
     random = [row for row in alive if not samplers[row].is_greedy]
@@ -187,9 +187,14 @@ def sample_batch(logits: Tensor, samplers: list[SequenceSampler]) -> list[Sample
     return [failures[row] if row in failures else SampleResult(tokens[row], logprobs.get(row)) for row in range(len(samplers))]
 
 
-def _apply_logit_processors(raw: Tensor, samplers: list[SequenceSampler], failures: dict[int, Exception]) -> Tensor:
-    """Repetition penalty, then frequency/presence penalties, then logit_bias, for all rows at
-    once as sparse (row, token) edits; raw stays intact for the logprobs."""
+def apply_logit_processors(
+    raw: Tensor, samplers: list[SequenceSampler], failures: dict[int, Exception] | None = None
+) -> Tensor:
+    """raw: [rows, vocab] float32 -> logits after repetition penalty, then frequency/presence
+    penalties, then logit_bias, applied to all rows at once as sparse (row, token) edits.
+
+    raw is left intact (the logprobs use it); rows whose settings are bad go into failures."""
+    failures = {} if failures is None else failures
     repetition, penalty, bias = _Edits(), _Edits(), _Edits()
     for row, sampler in enumerate(samplers):
         if row in failures or not sampler.has_logit_processors:
@@ -256,7 +261,7 @@ def _isolate_rows(step: Callable[[list[int]], Any], rows: list[int], failures: d
 def _take(tensor: Tensor, rows: list[int]) -> Tensor:
     if rows == list(range(tensor.shape[0])):
         return tensor
-    return tensor[torch.tensor(rows, device=tensor.device)]
+    return tensor.index_select(0, torch.tensor(rows, device=tensor.device))
 
 
 def _bad_logits_error() -> RequestFailedError:
