@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -70,15 +71,19 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
 
 
 def log_unknown_fields(route: str, parsed: BaseModel, prefix: str = "") -> None:
-    """Log (once per route and name) the fields a request sent that we do not know."""
+    """Log (once per route and field path) the fields a request sent that we do not know."""
     for name in parsed.model_extra or {}:
-        key = (route, prefix + name)
+        path = prefix + name
+        key = (route, re.sub(r"\[\d+\]", "[]", path))  # messages[3].x is messages[0].x again
         if key not in _logged_unknown_fields:
             _logged_unknown_fields.add(key)
-            logger.warning("%s: ignoring unknown field '%s'", route, prefix + name)
+            logger.warning("%s: ignoring unknown field '%s'", route, path)
     for name, value in parsed:
-        if isinstance(value, BaseModel):
-            log_unknown_fields(route, value, f"{prefix}{name}.")
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                position = f"[{index}]" if isinstance(value, list) else ""
+                log_unknown_fields(route, item, f"{prefix}{name}{position}.")
 
 
 def check_params(params: SamplingParams, vocab_size: int, api_names: dict[str, str] | None = None) -> None:

@@ -194,7 +194,7 @@ async def chat(request: Request) -> Response:
     body.check_supported()
     served = registry_of(request).get(body.model)
     if not body.messages:
-        return load_only(ChatResponse(model=body.model, created_at=now_rfc3339(), message=ResponseMessage(), done=True, done_reason="load"), body.stream)
+        return load_only(ChatResponse(model=body.model, created_at=now_rfc3339(), message=ResponseMessage(), done=True, done_reason="load"), body.stream is not False)
     prompt_ids = encode_chat(served.tokenizer, body.template_messages()).ids
     job = prepare_job(body.model, served, prompt_ids, body, started)
 
@@ -209,7 +209,7 @@ async def chat(request: Request) -> Response:
             **(final.stats if final else {}),
         )
 
-    return await answer(request, job, body.stream, make_object)
+    return await answer(request, job, body.stream is not False, make_object)
 
 
 def load_only(item: Any, stream: bool) -> Response:
@@ -244,7 +244,7 @@ async def generate(request: Request) -> Response:
     body.check_supported()
     served = registry_of(request).get(body.model)
     if not body.prompt and not body.context:
-        return load_only(GenerateResponse(model=body.model, created_at=now_rfc3339(), response="", done=True, done_reason="load"), body.stream)
+        return load_only(GenerateResponse(model=body.model, created_at=now_rfc3339(), response="", done=True, done_reason="load"), body.stream is not False)
     job = prepare_job(body.model, served, generate_prompt_ids(body, served), body, started)
 
     def make_object(text: str, logprobs, final: FinalFields | None) -> GenerateResponse:
@@ -259,7 +259,7 @@ async def generate(request: Request) -> Response:
             **(final.stats if final else {}),
         )
 
-    return await answer(request, job, body.stream, make_object)
+    return await answer(request, job, body.stream is not False, make_object)
 
 
 # ------------------------------------------------------------- model info

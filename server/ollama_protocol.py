@@ -52,7 +52,7 @@ class Options(OllamaRequest):
     """The `options` object (Modelfile parameters); only the ones that apply here."""
 
     num_ctx: int | None = Field(None, ge=1)
-    seed: int | None = None  # negative: random
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # negative: random
     num_predict: int | None = None  # -1: no limit, -2: fill the context
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = None
@@ -117,7 +117,7 @@ class ChatRequest(GenerationFields):
     tools: list[Any] | None = None
     format: Any = None  # "json" or a JSON schema: refused
     options: Options | None = None
-    stream: bool = True
+    stream: bool | None = True  # null: the default (stream)
     keep_alive: float | str | None = None  # accepted: models stay loaded
     think: bool | str | None = None
     logprobs: bool | None = None
@@ -146,8 +146,8 @@ class GenerateRequest(GenerationFields):
     options: Options | None = None
     system: str | None = None
     template: str | None = None
-    stream: bool = True
-    raw: bool = False  # true: the prompt is used as is, without the chat template
+    stream: bool | None = True  # null: the default (stream)
+    raw: bool | None = False  # true: the prompt is used as is, without the chat template
     keep_alive: float | str | None = None
     context: list[int] | None = None  # token ids returned by a previous /api/generate (short memory)
     think: bool | str | None = None

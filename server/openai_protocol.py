@@ -18,11 +18,15 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from server.engine.types import InvalidRequestError, SamplingParams
+
+
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # int64, as OpenAI documents seed
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]  # token id (as a string) -> bias
 
 
 class OpenAIRequest(BaseModel):
@@ -105,14 +109,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     model: str
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     n: int | None = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, **SEED_RANGE)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -160,12 +164,12 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI caps this at 5; the engine allows 20
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, **SEED_RANGE)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
