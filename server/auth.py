@@ -36,11 +36,11 @@ def is_public(path: str) -> bool:
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The token of an `Authorization: Bearer TOKEN` header, or None."""
+    """The token of an `Authorization: Bearer TOKEN` header; "" for another scheme; None without the header."""
     for name, value in headers:
         if name.lower() == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            return token.strip() if scheme.lower() == "bearer" else ""
     return None
 
 

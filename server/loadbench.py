@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -76,7 +77,7 @@ def percentile(values: list[float], pct: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(round(pct / 100 * len(ordered) + 0.5))))
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))  # the smallest value with >= pct% of values at or below it
     return ordered[rank - 1]
 
 

@@ -272,8 +272,10 @@ class RequestMetricsMiddleware:
         status = str(record.status or 499)  # 499: the client went away before any response
         self.metrics.requests.labels(route, record.method, status).inc()
         self.metrics.request_seconds.labels(route).observe(record.duration_ms / 1000)
-        if record.path != "/metrics" or record.status != 200:  # scrapes every few seconds would drown the log
-            access_log.info(json.dumps({"event": "request", **{k: v for k, v in asdict(record).items() if v not in (None, [])}}))
+        # Successful probes and scrapes come every few seconds and would drown the log: debug level.
+        routine = record.path in ("/health", "/metrics") and record.status == 200
+        line = json.dumps({"event": "request", **{k: v for k, v in asdict(record).items() if v not in (None, [])}})
+        access_log.log(logging.DEBUG if routine else logging.INFO, line)
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
