@@ -344,3 +344,11 @@ def test_padded_vocabulary_columns_are_never_sampled():
 def test_append_rejects_tokens_outside_the_vocabulary():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         make().append(VOCAB)
+
+
+def test_inverse_cdf_draw_at_the_top_of_the_range_picks_the_last_possible_token(monkeypatch):
+    # u * total can round up to total; the draw must then land on the last token with p > 0,
+    # never on a zero-probability tail token.
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1))
+    logits = torch.tensor([[1.0, 2.0, 0.5, -50.0, -60.0]])
+    assert sample_batch(logits, [make(5, top_k=3)])[0].token_id == 2
