@@ -1,0 +1,218 @@
+"""Serving throughput and the cost of HTTP: the engine driven in-process vs `hearth serve` + `hearth bench`.
+
+    python bench/bench_serving.py                       # `small` preset, random weights, 1/4/16/64 clients
+    python bench/bench_serving.py --levels 16 --max-tokens 64 --part http
+
+Both halves send the same requests (token-id prompts of --prompt-tokens,
+exactly --max-tokens new tokens each via ignore_eos, temperature 0.8) at the
+same concurrency levels, and both are summarized by `server.loadbench`
+(requests/s, output tok/s, TTFT and inter-token latency percentiles), so the
+two tables differ only by what sits between the client and the engine:
+JSON, SSE, uvicorn, and the client's own CPU time (the client runs on the
+same two cores as the server, as a local user's would).
+
+The checkpoint is the `small` shape (768 wide, 12 layers, vocab 32000) with
+random weights and a 32000-token BPE trained on the offline corpus, so the
+detokenizer sees real multi-byte merges; it is built once into --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.loadbench import LevelReport, RequestResult, make_prompt, markdown_table, run_level, summarize  # noqa: E402
+
+CORPUS = Path("/work/shared/corpus")
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """`small` with random weights and a 32000-token tokenizer (cached)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import ModelConfig
+    from model.decoder import Transformer
+    from model.tokenizer import Tokenizer
+
+    lines: list[str] = []
+    for name in ("shakespeare.txt.gz", "wordnet-dictionary.txt.gz"):
+        with gzip.open(CORPUS / name, "rt", encoding="utf-8") as file:
+            lines += file.readlines()
+    tokenizer = Tokenizer.train(iter(lines), vocab_size=32000)
+    config = ModelConfig.from_preset("small", vocab_size=tokenizer.vocab_size)
+    model = Transformer(config).init_weights(0).to(torch.bfloat16).eval()
+    save_checkpoint(folder, model, tokenizer)
+    print(f"built {folder}: small, vocab {tokenizer.vocab_size}, {config.num_params() / 1e6:.1f}M params")
+    return folder
+
+
+# ------------------------------------------------------------------------------ engine, in-process
+
+
+async def engine_request(engine, index: int, args: argparse.Namespace) -> RequestResult:
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)
+    request = GenerationRequest(f"bench-{index}", make_prompt(index, args.prompt_tokens, args.seed), params)
+    result = RequestResult(ok=False)
+    started = last = time.perf_counter()
+    try:
+        async for output in engine.generate(request):
+            now = time.perf_counter()
+            if any(delta.text for delta in output.deltas):
+                if result.ttft is None:
+                    result.ttft = now - started
+                else:
+                    result.gaps.append(now - last)
+                last = now
+            if output.usage is not None:
+                result.output_tokens = output.usage.completion_tokens
+        result.ok = True
+    except Exception as exc:  # reported as an error row, like the HTTP client does
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.latency = time.perf_counter() - started
+    if result.ok and result.gaps and result.output_tokens - 1 > len(result.gaps):
+        result.gaps = [sum(result.gaps) / (result.output_tokens - 1)] * (result.output_tokens - 1)
+    return result
+
+
+async def engine_level(engine, level: int, num_requests: int, args: argparse.Namespace) -> LevelReport:
+    await engine_request(engine, -1, args)  # warm-up, as the HTTP client does
+    next_index = iter(range(num_requests))
+    results: list[RequestResult] = []
+
+    async def worker() -> None:
+        for index in next_index:
+            results.append(await engine_request(engine, index, args))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(level)))
+    return summarize(level, results, time.perf_counter() - started)
+
+
+def start_engine(checkpoint: Path, args: argparse.Namespace):
+    from server.engine.engine import Engine, EngineConfig
+
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_num_seqs=args.max_num_seqs))
+    engine.start()
+    return engine
+
+
+def engine_report(engine, level: int, args: argparse.Namespace) -> LevelReport:
+    return asyncio.run(engine_level(engine, level, requests_for(level, args), args))
+
+
+# ------------------------------------------------------------------------------ through HTTP
+
+
+def start_server(checkpoint: Path, args: argparse.Namespace, port: int = 18765) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, server)
+    return server, url
+
+
+def http_report(url: str, checkpoint: Path, level: int, args: argparse.Namespace) -> LevelReport:
+    return asyncio.run(run_level(url, checkpoint.name, level, requests_for(level, args), args.prompt_tokens,
+                                 args.max_tokens, {}, args.seed))
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"hearth serve exited: {server.stderr.read()}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("hearth serve did not become healthy")
+
+
+def requests_for(level: int, args: argparse.Namespace) -> int:
+    return max(args.min_requests, args.requests_per_client * level)
+
+
+def comparison_table(engine: list[LevelReport], http: list[LevelReport]) -> str:
+    lines = ["| clients | engine tok/s | HTTP tok/s | HTTP / engine | engine TTFT p50 (ms) | HTTP TTFT p50 (ms) | "
+             "engine ITL p50 (ms) | HTTP ITL p50 (ms) |", "|---|---|---|---|---|---|---|---|"]
+    for e, h in zip(engine, http):
+        ratio = h.output_tokens_per_s / e.output_tokens_per_s if e.output_tokens_per_s else float("nan")
+        lines.append(f"| {e.concurrency} | {e.output_tokens_per_s} | {h.output_tokens_per_s} | {ratio:.2f} | "
+                     f"{e.ttft_p50_ms} | {h.ttft_p50_ms} | {e.itl_p50_ms} | {h.itl_p50_ms} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--prompt-tokens", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", choices=("both", "engine", "http"), default="both")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".hearth-cache" / "bench-serving")
+    parser.add_argument("--json", type=Path, default=None, help="also write the reports here")
+    args = parser.parse_args()
+    args.levels = [int(level) for level in args.levels.split(",")]
+    checkpoint = build_checkpoint(args.workdir / "small")
+    # Both sides stay up for the whole run and take turns level by level, so load from other
+    # processes on the machine falls on both alike; the idle one costs no CPU.
+    engine = start_engine(checkpoint, args) if args.part in ("both", "engine") else None
+    server, url = start_server(checkpoint, args) if args.part in ("both", "http") else (None, "")
+    engine_reports: list[LevelReport] = []
+    http_reports: list[LevelReport] = []
+    try:
+        for level in args.levels:
+            load = os.getloadavg()[0]
+            if engine is not None:
+                engine_reports.append(engine_report(engine, level, args))
+                print(f"engine clients={level}: {engine_reports[-1].output_tokens_per_s} tok/s (load {load:.1f})", flush=True)
+            if server is not None:
+                http_reports.append(http_report(url, checkpoint, level, args))
+                print(f"http   clients={level}: {http_reports[-1].output_tokens_per_s} tok/s", flush=True)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        if server is not None:
+            server.terminate()
+            server.wait(60)
+    engine, http = engine_reports, http_reports
+    header = (f"`small` (random weights, bf16), prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens "
+              f"per request, max_num_seqs {args.max_num_seqs}")
+    for name, reports in (("engine, in-process", engine), ("HTTP: hearth serve + hearth bench", http)):
+        if reports:
+            print(f"\n### {name}: {header}\n\n{markdown_table(reports)}")
+    if engine and http:
+        print(f"\n### HTTP overhead\n\n{comparison_table(engine, http)}")
+    if args.json:
+        from dataclasses import asdict
+
+        args.json.write_text(json.dumps({"engine": [asdict(r) for r in engine], "http": [asdict(r) for r in http]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
