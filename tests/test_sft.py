@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import FIXTURES, make_tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -237,3 +238,17 @@ def test_sft_merge_flag_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir):
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["training"]["merged"] is True
     assert not (out / "adapter_config.json").exists() and (out / "metrics.jsonl").is_file()
+
+
+def test_lora_resume_is_exact(tmp_path, tiny_model_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    lora = [*RUN, "--max-steps", 3, "--lora-rank", 2, "--lora-dropout", 0.1, "--lr", 1e-2]
+    assert hearth("sft", "--base", tiny_model_dir, "--out", straight, *lora) == 0
+    assert hearth("sft", "--base", tiny_model_dir, "--out", resumed, *lora, "--stop-at", 1) == 0
+    assert json.loads((resumed / "adapter_config.json").read_text())["training"]["steps"] == 1
+    assert hearth("sft", "--base", tiny_model_dir, "--out", resumed, *lora, "--resume") == 0
+    want = load_file(straight / "adapter.safetensors")
+    got = load_file(resumed / "adapter.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # Resuming with other data is refused.
+    assert hearth("sft", "--base", tiny_model_dir, "--out", resumed, *lora, "--resume", "--seq-len", 64) == 1

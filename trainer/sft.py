@@ -95,6 +95,7 @@ def merge_adapter_folder(base: Path, adapter_dir: Path, out: Path, overwrite: bo
 DEFAULT_BATCH_TOKENS = 8192  # tokens per optimizer step (packed rows x seq_len)
 DEFAULT_MICRO_TOKENS = 4096  # tokens per forward/backward: large enough for efficient CPU matmuls
 DEFAULT_SEQ_LEN = 512  # packed row length when the model's context is longer
+DEFAULT_FULL_LR, DEFAULT_LORA_LR = 1e-4, 1e-3  # peak learning rates
 
 
 @dataclass
@@ -113,6 +114,7 @@ class SFTOptions:
     lr: float | None = None  # None: 1e-4 full, 1e-3 LoRA
     min_lr: float | None = None  # None: lr / 10
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
     epochs: float | None = None  # passes over the chats (default 1 when max_steps is None)
     max_steps: int | None = None  # optimizer steps, instead of epochs
     seq_len: int | None = None  # packed row length; None: min(model context, 512)
@@ -125,9 +127,12 @@ class SFTOptions:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     long_chats: str = "truncate"  # chats longer than seq_len + 1: "truncate" or "drop"
     strict: bool = False  # stop at the first bad record
-    device: str = "cpu"
-    dtype: str = "bfloat16"  # compute dtype (autocast); master weights stay fp32
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps
+    dtype: str | None = None  # compute dtype (autocast) over fp32 master weights; None: bf16 where fast
+    compile: bool = False  # torch.compile the model
+    log_file: str | None = None  # live JSONL copy of the metrics
     seed: int = 0
+    stop_at: int | None = None  # end this invocation (with a checkpoint) at this step; schedule unchanged
     resume: bool = False  # continue the run saved in `out`
     overwrite: bool = False  # replace a model already in `out`
     progress: bool = True  # tqdm bar
@@ -159,7 +164,7 @@ class SFTOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise HearthError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in (None, "float32", "bfloat16"):
             raise HearthError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
@@ -174,13 +179,16 @@ class BatchPlan:
     warmup_steps: int
 
 
-def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int) -> BatchPlan:
-    batch_size = options.batch_size or max(1, (options.batch_tokens or DEFAULT_BATCH_TOKENS) // seq_len)
-    micro = options.micro_batch_size or max(1, min(batch_size, DEFAULT_MICRO_TOKENS // seq_len))
-    while batch_size % micro:  # the largest micro batch that divides the step
+def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int, world_size: int = 1) -> BatchPlan:
+    batch_size = options.batch_size or max(world_size, (options.batch_tokens or DEFAULT_BATCH_TOKENS) // seq_len)
+    batch_size = -(-batch_size // world_size) * world_size  # every rank gets the same number of rows
+    per_rank = batch_size // world_size
+    micro = options.micro_batch_size or max(1, min(per_rank, DEFAULT_MICRO_TOKENS // seq_len))
+    while per_rank % micro:  # the largest micro batch that divides a rank's share of the step
         micro -= 1
     if options.micro_batch_size and micro != options.micro_batch_size:
-        raise HearthError(f"--batch-size {batch_size} is not a multiple of --micro-batch-size {options.micro_batch_size}")
+        raise HearthError(f"--batch-size {batch_size} is not a multiple of --micro-batch-size "
+                          f"{options.micro_batch_size} x {world_size} rank(s)")
     max_steps = options.max_steps or max(1, math.ceil((options.epochs or 1.0) * rows_per_epoch / batch_size))
     warmup = options.warmup if options.warmup is not None else max(1, round(0.03 * max_steps))
     return BatchPlan(seq_len, batch_size, micro, max_steps, min(warmup, max_steps))
@@ -188,33 +196,86 @@ def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int) -> Batc
 
 def run_sft(options: SFTOptions) -> int:
     """`hearth sft`: read chats, fine-tune (full or LoRA), save; returns the exit status."""
-    from trainer.loop import TrainConfig, train
+    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.pretrain import default_dtype
 
     options.validate()
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HearthError(f"--device {options.device}: CUDA is not available on this machine")
+    options.dtype = options.dtype or default_dtype(options.device)
     check_output_folder(options.out, options.overwrite or options.resume, options.base)
+    context, options.device = init_distributed(options.device)
+    try:
+        result = fine_tune(options, context)
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        if context.is_main:
+            print(f"interrupted ({result.interrupted}): checkpoint at step {result.steps} in {options.out}; "
+                  "continue with the same command plus --resume", file=sys.stderr)
+        return 130 if result.interrupted == "SIGINT" else 143
+    return 0
+
+
+def fine_tune(options: SFTOptions, context):
+    """The run itself, on this rank: base, data, model, the shared loop, then --merge."""
+    from trainer.loop import train
+
     base = load_base(options)
     seq_len = options.seq_len or min(base.config.max_seq_len, DEFAULT_SEQ_LEN)
     if seq_len > base.config.max_seq_len:
         raise HearthError(f"--seq-len {seq_len} is longer than the model's context ({base.config.max_seq_len})")
-    train_data, val_data, facts = load_chat_sources(options, base.tokenizer, seq_len)
-    plan = plan_batches(options, train_data.rows_per_epoch(), seq_len)
+    train_data, val_data, facts = load_chat_sources(options, base.tokenizer, seq_len, verbose=context.is_main)
+    plan = plan_batches(options, train_data.rows_per_epoch(), seq_len, context.world_size)
     model, trainable, save_fn, lora_facts = prepare_model(options, base)
-    eval_batches = max(1, min(options.eval_rows, val_data.rows_per_epoch() if val_data else 1) // plan.micro_batch_size)
-    config = TrainConfig(
-        max_steps=plan.max_steps, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size,
-        lr=options.lr or (1e-3 if options.use_lora else 1e-4), min_lr=options.min_lr,
-        warmup_steps=plan.warmup_steps, weight_decay=options.weight_decay, eval_every=options.eval_every,
-        eval_batches=eval_batches, save_every=options.save_every, dtype=options.dtype, device=options.device,
-        seed=options.seed, progress=options.progress,
-    )
+    config = train_config(options, plan, val_data)
     run_info = {"task": "sft", "base": str(options.base.resolve()), "base_training": base.metadata.get("training"),
                 "seq_len": seq_len, "packing": "chats packed whole into rows, causal attention across them",
-                "loss": "assistant tokens only", **facts, "lora": lora_facts}
-    result = train(model, train_data, val_data, config, options.out, base.tokenizer,
-                   trainable_params=trainable, save_fn=save_fn, resume=options.resume, run_info=run_info)
-    if options.merge and result.interrupted is None:
+                "loss": "assistant tokens only", **facts, "lora": lora_facts,
+                "batch_size": plan.batch_size, "max_steps": plan.max_steps}
+    if options.resume:
+        check_resumable(options.out, run_info)
+    result = train(model, train_data, val_data, config, options.out, base.tokenizer, trainable_params=trainable,
+                   save_fn=save_fn, resume=options.resume, run_info=run_info, context=context)
+    if options.merge and result.interrupted is None and context.is_main:
         merge_into_checkpoint(options, base, model, result, run_info)
-    return 0
+    return result
+
+
+def train_config(options: SFTOptions, plan: "BatchPlan", val_data: PackedChatBatches | None):
+    from trainer.loop import TrainConfig
+
+    val_rows = min(options.eval_rows, val_data.rows_per_epoch()) if val_data else 1
+    return TrainConfig(
+        max_steps=plan.max_steps, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size,
+        lr=options.lr or (DEFAULT_LORA_LR if options.use_lora else DEFAULT_FULL_LR), min_lr=options.min_lr,
+        warmup_steps=plan.warmup_steps, weight_decay=options.weight_decay, grad_clip=options.grad_clip,
+        eval_every=options.eval_every, eval_batches=max(1, val_rows // plan.micro_batch_size),
+        save_every=options.save_every, dtype=options.dtype, device=options.device, compile=options.compile,
+        seed=options.seed, progress=options.progress, log_file=options.log_file, stop_at=options.stop_at,
+    )
+
+
+# What must match between a run and the one it resumes (the loop notes changed step settings itself).
+RESUME_KEYS = ("base", "data", "seq_len", "lora", "chats")
+
+
+def check_resumable(out: Path, run_info: dict[str, Any]) -> None:
+    """Refuse --resume when the saved run differs in data, shapes or plan."""
+    import json
+
+    from model.checkpoint import CONFIG_FILE
+    from model.errors import CheckpointError
+    from trainer.lora import ADAPTER_CONFIG
+
+    record = out / (ADAPTER_CONFIG if (out / ADAPTER_CONFIG).is_file() else CONFIG_FILE)
+    saved = json.loads(record.read_text(encoding="utf-8")).get("training") or {}
+    if saved.get("task") != "sft":
+        raise CheckpointError(f"{record}: not an SFT run; nothing to --resume")
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != run_info.get(key):
+            raise CheckpointError(f"cannot resume: {out} was trained with {key} = {json.dumps(saved[key])}, "
+                                  f"this run gives {json.dumps(run_info.get(key))}")
 
 
 def load_base(options: SFTOptions):
@@ -227,10 +288,11 @@ def load_base(options: SFTOptions):
     return base
 
 
-def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int):
+def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int, verbose: bool = True):
     """(train batches, validation batches or None, facts for config.json)."""
     chats, report = read_chats(options.data, tokenizer, seq_len + 1, options.long_chats, options.strict)
-    print_read_report(report, "train data")
+    if verbose:
+        print_read_report(report, "train data")
     train_data = PackedChatBatches(chats, seq_len, tokenizer.pad_id or 0, seed=options.seed)
     facts = {"data": [str(p) for p in options.data], "chats": len(chats), "chat_tokens": chats.num_tokens,
              "assistant_tokens": chats.num_assistant_tokens, "skipped_records": report.skipped,
@@ -238,7 +300,8 @@ def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int):
     val_data = None
     if options.val_data:
         val_chats, val_report = read_chats(options.val_data, tokenizer, seq_len + 1, options.long_chats, options.strict)
-        print_read_report(val_report, "validation data")
+        if verbose:
+            print_read_report(val_report, "validation data")
         val_data = PackedChatBatches(val_chats, seq_len, tokenizer.pad_id or 0, shuffle=False)
         facts["val_data"] = [str(p) for p in options.val_data]
     return train_data, val_data, facts

@@ -34,6 +34,7 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, 1e-3 LoRA)")
     run.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
     run.add_argument("--weight-decay", type=float, default=0.0)
+    run.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     run.add_argument("--epochs", type=float, default=None, help="passes over the chats (default 1)")
     run.add_argument("--max-steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
     run.add_argument("--seq-len", type=int, default=None, help="packed row length (default: model context)")
@@ -46,11 +47,14 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--long-chats", choices=("truncate", "drop"), default="truncate",
                      help="chats longer than --seq-len + 1 tokens")
     run.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                     help="compute dtype (bf16 autocast, fp32 master weights)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (torchrun for several GPUs)")
+    run.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                     help="compute dtype over fp32 master weights (default: bfloat16 where fast)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--log-file", default=None, help="append metrics to this JSONL file as the run goes")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    run.add_argument("--resume", action="store_true", help="continue the run saved in --out (same command)")
+    run.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step; --resume later")
     run.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(handler=run_sft_command)
