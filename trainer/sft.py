@@ -87,7 +87,8 @@ def merge_adapter_folder(base: Path, adapter_dir: Path, out: Path, overwrite: bo
     merged = merge_lora(attach_adapter(checkpoint.model, adapter))
     training = dict(adapter.metadata.get("training") or {})
     training["merged"] = {"base": str(base.resolve()), "adapter": str(adapter_dir.resolve())}
-    return save_checkpoint(out, merged, checkpoint.tokenizer, extra_metadata={"training": training})
+    card = model_card(base, training.get("data", []))
+    return save_checkpoint(out, merged, checkpoint.tokenizer, extra_metadata={"training": training}, model_card=card)
 
 
 # --- the SFT run --------------------------------------------------------------------------
@@ -309,23 +310,31 @@ def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int, v
 
 def prepare_model(options: SFTOptions, base):
     """(model, trainable parameter names or None, save_fn, LoRA facts or None), resumed weights loaded."""
+    return prepare_lora_model(options, base) if options.use_lora else prepare_full_model(options, base)
+
+
+def prepare_full_model(options: SFTOptions, base):
     from model.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.lora import is_adapter_folder
+
+    model = base.model
+    if options.resume:
+        if is_adapter_folder(options.out):
+            raise HearthError(f"--resume: {options.out} holds a LoRA adapter; pass the same --lora-rank to resume it")
+        model = load_checkpoint(options.out, dtype=torch.float32).model
+    card = model_card(options.base, options.data)
+
+    def save_full(folder: Path, extra_files: dict, info: dict) -> None:
+        save_checkpoint(folder, model, base.tokenizer, extra_metadata={"training": info},
+                        extra_files=extra_files, model_card=card)
+
+    return model, None, save_full, None
+
+
+def prepare_lora_model(options: SFTOptions, base):
     from trainer.lora import (LoRAConfig, apply_lora, is_adapter_folder, load_adapter_state, lora_modules,
                               read_adapter, save_adapter)
 
-    card = model_card(options, base)
-    if not options.use_lora:
-        model = base.model
-        if options.resume:
-            if is_adapter_folder(options.out):
-                raise HearthError(f"--resume: {options.out} holds a LoRA adapter; pass the same --lora-rank to resume it")
-            model = load_checkpoint(options.out, dtype=torch.float32).model
-
-        def save_full(folder: Path, extra_files: dict, info: dict) -> None:
-            save_checkpoint(folder, model, base.tokenizer, extra_metadata={"training": info},
-                            extra_files=extra_files, model_card=card)
-
-        return model, None, save_full, None
     lora = LoRAConfig(options.lora_rank, options.lora_alpha or 2.0 * options.lora_rank,
                       options.lora_dropout, options.lora_targets)
     model = base.model
@@ -333,8 +342,7 @@ def prepare_model(options: SFTOptions, base):
     if options.resume:
         if not is_adapter_folder(options.out):
             raise HearthError(f"--resume: {options.out} holds no LoRA adapter (was the run full fine-tuning?)")
-        adapter = read_adapter(options.out)
-        load_adapter_state(model, adapter.state, str(options.out))
+        load_adapter_state(model, read_adapter(options.out).state, str(options.out))
     trainable = [f"{name}.{part}" for name in lora_modules(model) for part in ("lora_a", "lora_b")]
 
     def save_lora(folder: Path, extra_files: dict, info: dict) -> None:
@@ -345,14 +353,14 @@ def prepare_model(options: SFTOptions, base):
     return model, trainable, save_lora, facts
 
 
-def model_card(options: SFTOptions, base) -> str | None:
+def model_card(base_dir: Path, data: list[str]) -> str:
     """The base's card (licence notices included) plus a note on this fine-tuning run."""
     from model.checkpoint import CARD_FILE
 
-    card_file = options.base / CARD_FILE
+    card_file = Path(base_dir) / CARD_FILE
     base_card = card_file.read_text(encoding="utf-8") if card_file.is_file() else ""
-    note = (f"\n\n## Fine-tuning\n\nSupervised fine-tuning of `{options.base}` on "
-            f"{', '.join(f'`{p}`' for p in options.data)} (loss on assistant tokens only). "
+    note = (f"\n\n## Fine-tuning\n\nSupervised fine-tuning of `{base_dir}` on "
+            f"{', '.join(f'`{p}`' for p in data)} (loss on assistant tokens only). "
             "See `training` in config.json for the settings.\n")
     return (base_card.rstrip() + note) if base_card else note.lstrip()
 
@@ -372,5 +380,5 @@ def merge_into_checkpoint(options: SFTOptions, base, model, result, run_info: di
             if (options.out / name).is_file()}
     extra_files = {name: (lambda path, data=data: path.write_bytes(data)) for name, data in kept.items()}
     save_checkpoint(options.out, model, base.tokenizer, extra_metadata={"training": training},
-                    extra_files=extra_files, model_card=model_card(options, base))
+                    extra_files=extra_files, model_card=model_card(options.base, options.data))
     print(f"merged the adapter into {options.out}", file=sys.stderr)
