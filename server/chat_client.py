@@ -65,16 +65,19 @@ class ReplyStats:
         return ", ".join(parts)
 
 
-def server_error_message(response: httpx.Response) -> str:
-    """The server's error text from an OpenAI ({error: {message}}) or Ollama ({error: str}) body."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip() or response.reason_phrase
+def error_text(body: object) -> str:
+    """The message of an OpenAI ({error: {message}}) or Ollama ({error: str}) error body."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error or body)
+
+
+def server_error_message(response: httpx.Response) -> str:
+    try:
+        return error_text(response.json())
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
 
 
 def iter_sse_data(lines: Iterator[str]) -> Iterator[dict]:
@@ -137,7 +140,7 @@ class ChatSession:
                 raise ServerError(f"server answered {response.status_code}: {server_error_message(response)}")
             for chunk in iter_sse_data(response.iter_lines()):
                 if "error" in chunk:
-                    raise ServerError(f"server error mid-reply: {server_error_message_from(chunk)}")
+                    raise ServerError(f"server error mid-reply: {error_text(chunk)}")
                 for choice in chunk.get("choices") or []:
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
@@ -149,11 +152,6 @@ class ChatSession:
         total = time.perf_counter() - started
         count = usage_tokens if usage_tokens is not None else len(pieces)
         return ReplyStats(count, first_token - started if first_token else None, total)
-
-
-def server_error_message_from(chunk: dict) -> str:
-    error = chunk.get("error")
-    return str(error.get("message") if isinstance(error, dict) else error)
 
 
 def make_client(url: str, api_key: str | None, timeout: float = 600.0) -> httpx.Client:

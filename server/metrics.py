@@ -32,6 +32,7 @@ Design choices:
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -160,26 +161,19 @@ class MeteredEngine:
             record.model = self.model_name
         stream = self.engine.generate(request)
         observer = _StreamObserver(self.model_name, self.metrics, record)
-        outcome = "cancelled"
         try:
             async for output in stream:
                 observer.observe(output)
                 yield output
-            outcome = "ok"
         except BaseException as exc:
-            outcome = "cancelled" if isinstance(exc, (GeneratorExit, _cancelled_error())) else "error"
+            # GeneratorExit / CancelledError: the consumer left (client gone, or shutdown).
+            observer.failure = "cancelled" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "error"
             raise
         finally:
-            observer.finish(outcome)
+            observer.finish()
             close = getattr(stream, "aclose", None)
             if close is not None:  # propagate a client disconnect to the engine now, not at GC time
                 await close()
-
-
-def _cancelled_error() -> type[BaseException]:
-    import asyncio
-
-    return asyncio.CancelledError
 
 
 class _StreamObserver:
@@ -190,6 +184,8 @@ class _StreamObserver:
         self.started = self.last_token_time = time.perf_counter()
         self.num_generated = 0
         self.finish_reasons: list[str] = []
+        self.finished = False  # the engine sent its final output
+        self.failure: str | None = None  # "cancelled" or "error" when the stream ended early
 
     def observe(self, output: Any) -> None:
         now = time.perf_counter()
@@ -211,6 +207,7 @@ class _StreamObserver:
             self.metrics.generation_tokens.labels(self.model).inc(num_tokens)
         if output.usage is not None:
             self._observe_usage(output.usage)
+        self.finished = self.finished or output.finished
 
     def _observe_usage(self, usage: Any) -> None:
         self.metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
@@ -224,15 +221,13 @@ class _StreamObserver:
             self.record.cached_tokens = usage.cached_tokens
             self.record.completion_tokens = usage.completion_tokens
 
-    def finish(self, outcome: str) -> None:
-        if outcome == "ok":
-            reasons = self.finish_reasons or ["stop"]
-            for reason in reasons:
-                self.metrics.finished.labels(self.model, reason).inc()
-        else:
-            self.metrics.finished.labels(self.model, outcome).inc()
+    def finish(self) -> None:
+        # A stream closed after its final output finished normally, whatever closed it.
+        reasons = (self.finish_reasons or ["stop"]) if self.finished else [self.failure or "cancelled"]
+        for reason in reasons:
+            self.metrics.finished.labels(self.model, reason).inc()
         if self.record is not None:
-            self.record.finish_reasons = self.finish_reasons
+            self.record.finish_reasons = reasons
             if self.record.completion_tokens is None:  # cancelled before the final usage
                 self.record.completion_tokens = self.num_generated
 

@@ -361,7 +361,7 @@ def test_percentile_is_nearest_rank():
 
 def test_hearth_bench_against_the_server(server, keyed_env, monkeypatch, capsys):
     key = ("hearth_prompt_tokens_total", (("model", "tiny"),))
-    before = scrape(server.url)[key]
+    before = scrape(server.url).get(key, 0.0)  # absent until the first request
     code, out, _ = run_cli(["bench", "--url", server.url, "--concurrency", "1,3", "--requests", "4",
                             "--prompt-tokens", "10", "--max-tokens", "6", "--json"], "", monkeypatch, capsys)
     assert code == 0
@@ -371,7 +371,7 @@ def test_hearth_bench_against_the_server(server, keyed_env, monkeypatch, capsys)
         assert report["requests"] == 4 and report["errors"] == 0
         assert report["output_tokens_per_s"] > 0 and report["requests_per_s"] > 0
         assert 0 < report["ttft_p50_ms"] <= report["ttft_p99_ms"]
-        assert 0 < report["itl_p50_ms"] <= report["itl_p99_ms"]
+        assert 0 <= report["itl_p50_ms"] <= report["itl_p99_ms"]  # chunks read together are ~0 ms apart
     # Exact prompt lengths: 2 levels x (4 requests + 1 warm-up) x 10 tokens.
     assert scrape(server.url)[key] - before == 2 * 5 * 10
     code, out, _ = run_cli(["bench", "--url", server.url, "--concurrency", "2", "--requests", "2",
