@@ -160,18 +160,24 @@ def token_loss_sum(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data: BatchSource, num_batches: int, batch_size: int, device: str,
                   dtype: str = "bfloat16", context: DistributedContext | None = None) -> float:
-    """Mean per-token loss over `num_batches` batches of `data` (each rank scores its rows)."""
+    """Mean per-token loss over `num_batches` x `batch_size` rows of `data`.
+
+    Under data parallelism the same rows are shared out over the ranks (each
+    scores batch_size rows per pass), so the result equals a single process's.
+    """
     context = context or DistributedContext()
     was_training = model.training
     model.eval()
     loss_sum, num_tokens = 0.0, 0
-    for _ in range(num_batches):
+    for _ in range(math.ceil(num_batches / context.world_size)):
         inputs, targets = data.next_batch(batch_size * context.world_size)
         num_tokens += int((targets != IGNORE_INDEX).sum())
         rows = slice(context.rank * batch_size, (context.rank + 1) * batch_size)
         with autocast_context(device, dtype):
             loss_sum += float(token_loss_sum(model, inputs[rows].to(device), targets[rows].to(device)))
     model.train(was_training)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward with no backward
+        model.reshard()
     (loss_sum,) = all_reduce_sum([loss_sum], context, device)
     return loss_sum / max(num_tokens, 1)
 
@@ -371,7 +377,8 @@ class _Runner:
         record = {"step": self.state.step, "tokens": self.state.tokens_seen,
                   "loss": round(self.state.train_loss, 5),
                   "lr": float(f"{self.schedule.lr_at(self.state.step - 1):.4g}"),
-                  "tokens_per_s": round(self._tokens_per_s() or 0.0, 1)}
+                  "tokens_per_s": round(self._tokens_per_s() or 0.0, 1),
+                  "train_seconds": round(self.state.train_seconds, 3)}  # this invocation's time in steps
         if "grad_norm" in self.state.extra:
             record["grad_norm"] = round(self.state.extra["grad_norm"], 4)
         mfu = self._mfu()
