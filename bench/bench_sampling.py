@@ -36,7 +36,9 @@ SETTINGS = {
     "top_k 40, top_p 0.95, no seed": dict(top_k=40, top_p=0.95),
     "top_p 0.9, no seed": dict(top_p=0.9),
     "top_p 0.9, seeded": dict(top_p=0.9, seed=1),
-    "penalties + logit_bias, no seed": dict(repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5, logit_bias={7: 2.0}),
+    "penalties + logit_bias, no seed": dict(
+        repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5, logit_bias={7: 2.0}
+    ),
     "greedy + logprobs 5": dict(temperature=0, logprobs=5),
 }
 
@@ -100,7 +102,8 @@ def main() -> None:
         batch_ms = best_time(lambda: sample_batch(logits, samplers), args.repeats) * 1e3
         reference = "-"
         if not set(params) - {"temperature", "top_k", "top_p", "seed"}:
-            reference = f"{best_time(lambda: reference_step(logits, params, generator), max(2, args.repeats // 3)) * 1e3:.1f}"
+            reference_s = best_time(lambda: reference_step(logits, params, generator), max(2, args.repeats // 3))
+            reference = f"{reference_s * 1e3:.1f}"
         print(f"| {name} | {batch_ms:.2f} | {batch_ms * 1e3 / args.rows:.0f} | {batch_ms / softmax_ms:.1f} | {reference} |")
 
 

@@ -90,13 +90,17 @@ def run_sequence(sampler: SequenceSampler, steps: int, batch_builder) -> list[in
     return tokens
 
 
-@pytest.mark.parametrize("params", [dict(seed=11), dict(seed=11, top_p=0.8, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5)], ids=["default", "filters+penalties"])
+FILTERS_AND_PENALTIES = dict(seed=11, top_p=0.8, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5)
+
+
+@pytest.mark.parametrize("params", [dict(seed=11), FILTERS_AND_PENALTIES], ids=["default", "filters+penalties"])
 def test_seeded_sequence_is_the_same_whatever_the_batch(params):
     alone = run_sequence(make(**params), 15, lambda step: [])
     crowded = run_sequence(
         make(**params),
         15,
-        lambda step: [make(seed=step), make(temperature=0), make(top_k=3, seed=5), make(logit_bias={7: 5.0}), make(top_p=0.2)][: step % 6],
+        lambda step: [make(seed=step), make(temperature=0), make(top_k=3, seed=5), make(logit_bias={7: 5.0}),
+                      make(top_p=0.2)][: step % 6],
     )
     assert alone == crowded
     assert len(set(alone)) > 3  # really random, not a constant

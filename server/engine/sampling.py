@@ -49,7 +49,7 @@ _MASK64 = (1 << 64) - 1
 @dataclass
 class SampleResult:
     token_id: int  # the chosen token
-    logprob: TokenLogprob | None = None  # raw log-softmax of the chosen token + top alternatives; None unless params.logprobs is set
+    logprob: TokenLogprob | None = None  # raw log-softmax of it + top alternatives; None unless params.logprobs is set
 
 
 class SequenceSampler:
@@ -167,7 +167,8 @@ def _checked_logit_bias(logit_bias: dict, vocab_size: int) -> tuple[list[int], l
         try:
             token_id, bias = int(token), float(value)
         except (TypeError, ValueError):
-            raise InvalidRequestError("logit_bias", f"logit_bias entry {token!r}: {value!r} is not a token id and a number") from None
+            message = f"logit_bias entry {token!r}: {value!r} is not a token id and a number"
+            raise InvalidRequestError("logit_bias", message) from None
         if not 0 <= token_id < vocab_size:
             raise InvalidRequestError("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}), got {token_id}")
         if bias != bias or abs(bias) == float("inf"):
@@ -214,7 +215,7 @@ def sample_batch(logits: Tensor, samplers: list[SequenceSampler]) -> list[Sample
     for rows, probs in _isolate_rows(lambda rows: _filtered_probs(processed, rows, samplers), random, failures):
         _draw_tokens(probs, rows, samplers, tokens, failures)
     logprobs = _logprobs(raw, tokens, samplers)
-    return [failures[row] if row in failures else SampleResult(tokens[row], logprobs.get(row)) for row in range(len(samplers))]
+    return [failures.get(row) or SampleResult(tokens[row], logprobs.get(row)) for row in range(len(samplers))]
 
 
 def apply_logit_processors(
@@ -231,7 +232,8 @@ def apply_logit_processors(
         if row in failures or not sampler.has_logit_processors:
             continue
         try:  # gather everything first, so a bad row leaves no half-applied edits
-            seen, (penalised, amounts), (biased, values) = sampler.repetition_edit(), sampler.penalty_edit(), sampler.bias_edit()
+            seen, (penalised, amounts), (biased, values) = (
+                sampler.repetition_edit(), sampler.penalty_edit(), sampler.bias_edit())
         except Exception as exc:  # noqa: BLE001 -- the row fails, the batch goes on
             failures[row] = exc
             continue
@@ -273,7 +275,9 @@ class _Edits:
         return index, torch.from_numpy(np.concatenate(self.values).astype(np.float32)).to(device)
 
 
-def _isolate_rows(step: Callable[[list[int]], Any], rows: list[int], failures: dict[int, Exception]) -> list[tuple[list[int], Any]]:
+def _isolate_rows(
+    step: Callable[[list[int]], Any], rows: list[int], failures: dict[int, Exception]
+) -> list[tuple[list[int], Any]]:
     """Run a batched, side-effect-free step on rows -> [(rows, its result)]. If it raises, rerun
     it row by row so that only the culprit fails (recorded in failures)."""
     if not rows:
@@ -410,29 +414,33 @@ def _draw_tokens(
     probs: Tensor, rows: list[int], samplers: list[SequenceSampler], tokens: dict[int, int], failures: dict[int, Exception]
 ) -> None:
     """probs: [rows, vocab]. Seeded rows draw like the reference; unseeded rows draw cheaply."""
-    seeded = [i for i, row in enumerate(rows) if samplers[row].is_seeded]
-    unseeded = [i for i, row in enumerate(rows) if not samplers[row].is_seeded]
-    for indices, draw in ((seeded, _draw_exponential_race), (unseeded, _draw_inverse_cdf)):
-        group = [rows[i] for i in indices]
+    generators: dict[int, torch.Generator] = {}
+    for index, row in enumerate(rows):
+        # Seeded: on the logits' device, as the reference does; unseeded: the uniform comes from the CPU.
+        device = probs.device if samplers[row].is_seeded else torch.device("cpu")
         try:
-            if group:
-                tokens.update(zip(group, draw(_take(probs, indices), [samplers[row] for row in group])))
-        except Exception as exc:  # noqa: BLE001 -- e.g. a generator on another device
-            failures.update({row: exc for row in group})
+            generators[index] = samplers[row].generator_on(device)
+        except Exception as exc:  # noqa: BLE001 -- e.g. logits moved to another device mid-request
+            failures[rows[index]] = exc
+    seeded = [i for i in generators if samplers[rows[i]].is_seeded]
+    unseeded = [i for i in generators if not samplers[rows[i]].is_seeded]
+    for indices, draw in ((seeded, _draw_exponential_race), (unseeded, _draw_inverse_cdf)):
+        if indices:
+            chosen = draw(_take(probs, indices), [generators[i] for i in indices])
+            tokens.update((rows[i], token) for i, token in zip(indices, chosen))
 
 
-def _draw_exponential_race(probs: Tensor, samplers: list[SequenceSampler]) -> list[int]:
+def _draw_exponential_race(probs: Tensor, generators: list[torch.Generator]) -> list[int]:
     """torch.multinomial(p, 1) exactly: argmax(p / q), q ~ Exp(1) from each row's own generator."""
     noise = torch.empty_like(probs)  # [rows, vocab]
-    for index, sampler in enumerate(samplers):
-        noise[index].exponential_(generator=sampler.generator_on(probs.device))
+    for index, generator in enumerate(generators):
+        noise[index].exponential_(generator=generator)
     return (probs / noise).argmax(dim=1).tolist()
 
 
-def _draw_inverse_cdf(probs: Tensor, samplers: list[SequenceSampler]) -> list[int]:
+def _draw_inverse_cdf(probs: Tensor, generators: list[torch.Generator]) -> list[int]:
     """One uniform per row from its own (CPU) generator; the first token whose CDF exceeds it."""
-    cpu = torch.device("cpu")
-    uniforms = torch.cat([torch.rand(1, generator=sampler.generator_on(cpu)) for sampler in samplers])
+    uniforms = torch.cat([torch.rand(1, generator=generator) for generator in generators])
     # In place: probs is this call's own buffer, and one fewer [rows, vocab] allocation per step
     # matters (fresh pages cost more than the cumsum on a VM).
     cdf = probs.cumsum_(dim=1)  # [rows, vocab]; a zero-probability token never strictly raises it
