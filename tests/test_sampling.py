@@ -107,7 +107,6 @@ def test_seeded_sequence_is_the_same_whatever_the_batch(params):
 
 
 def test_n_choices_differ_but_each_reproduces():
-    logits = random_logits(1, seed=4)
     def choices():
         samplers = [make(seed=42, choice_index=i) for i in range(4)]
         return [run_sequence(sampler, 10, lambda step: []) for sampler in samplers]
@@ -115,7 +114,6 @@ def test_n_choices_differ_but_each_reproduces():
     assert len({tuple(tokens) for tokens in first}) == 4
     assert choices() == first
     assert run_sequence(make(seed=43), 10, lambda step: []) != first[0]
-    del logits
 
 
 def test_unseeded_samplers_differ():

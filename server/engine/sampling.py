@@ -32,7 +32,7 @@ Design choices:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -318,9 +318,9 @@ def _filtered_probs(processed: Tensor, rows: list[int], samplers: list[SequenceS
     """-> [rows, vocab] unnormalised probabilities after temperature, top-k, top-p and min-p."""
     params = [samplers[row].params for row in rows]
     logits = _divide_by_temperature(_take(processed, rows), [p.temperature for p in params])
-    logits = _mask_top_k(logits, [p.top_k for p in params])
+    logits, top_k_order = _mask_top_k(logits, [p.top_k for p in params])
     probs = torch.softmax(logits, dim=-1).contiguous()  # this call's own buffer: filtered in place
-    probs = _mask_top_p(probs, [p.top_p for p in params])
+    probs = _mask_top_p(probs, [p.top_p for p in params], top_k_order)
     probs = _mask_min_p(probs, [p.min_p for p in params])
     if not bool((probs.sum(dim=1) > 0).all()):  # False for NaN (from NaN or +inf logits)
         raise _bad_logits_error()
@@ -341,53 +341,70 @@ def _divide_by_temperature(logits: Tensor, temperatures: list[float]) -> Tensor:
     return scaled
 
 
-def _mask_top_k(logits: Tensor, top_ks: list[int]) -> Tensor:
-    """Mask logits below each row's k-th largest (ties with it stay), as the reference does."""
+TopKOrder = tuple[list[int], Tensor]  # (rows with top-k, [those rows, max k] token ids by descending logit)
+
+
+def _mask_top_k(logits: Tensor, top_ks: list[int]) -> tuple[Tensor, TopKOrder | None]:
+    """Mask logits below each row's k-th largest (ties with it stay), as the reference does.
+
+    Also returns the top-k token order, which top-p reuses instead of ranking the vocab again."""
     vocab = logits.shape[1]
     rows = [i for i, k in enumerate(top_ks) if 0 < k < vocab]
     if not rows:
-        return logits
+        return logits, None
     ks = torch.tensor([top_ks[i] for i in rows], device=logits.device)
     subset = _take(logits, rows)
-    kth_largest = torch.topk(subset, int(ks.max())).values.gather(1, (ks - 1)[:, None])  # [rows, 1]
+    top = torch.topk(subset, int(ks.max()))  # [rows, max k], descending
+    kth_largest = top.values.gather(1, (ks - 1)[:, None])  # [rows, 1]
     masked = subset.masked_fill(subset < kth_largest, float("-inf"))
-    if len(rows) == logits.shape[0]:
-        return masked
-    return logits.index_copy(0, torch.tensor(rows, device=logits.device), masked)
+    if len(rows) < logits.shape[0]:
+        masked = logits.index_copy(0, torch.tensor(rows, device=logits.device), masked)
+    return masked, (rows, top.indices)
 
 
-def _mask_top_p(probs: Tensor, top_ps: list[float]) -> Tensor:
+def _mask_top_p(probs: Tensor, top_ps: list[float], top_k_order: TopKOrder | None = None) -> Tensor:
     """Keep the smallest prefix (by descending probability) whose mass reaches top_p.
 
-    The reference sorts the whole vocab. A partial top-k gives the same prefix sums, and a
-    row whose cut falls within it is decided; so try growing candidate counts and fully sort
-    only the rows (flat distributions) still undecided.
+    The reference sorts the whole vocab. Any prefix of the ranking gives the same prefix sums,
+    and a row whose cut falls within it is decided: so try the top-k order when there is one
+    (beyond k the probabilities are 0), then growing partial top-k's, and fully sort only the
+    rows (flat distributions) still undecided.
     """
     rows = [i for i, p in enumerate(top_ps) if p < 1]
     if not rows:
         return probs
     vocab = probs.shape[1]
+    if top_k_order is not None:
+        position = {row: index for index, row in enumerate(top_k_order[0])}
+        known = [row for row in rows if row in position]
+        if known:
+            order = top_k_order[1].index_select(0, torch.tensor([position[row] for row in known], device=probs.device))
+            undecided = _cut_top_p(probs, known, [top_ps[i] for i in known], order)
+            rows = [row for row in rows if row not in position] + undecided
     for candidates in TOP_P_CANDIDATES:
-        rows = _cut_top_p(probs, rows, [top_ps[i] for i in rows], min(candidates, vocab))
         if not rows:
             break
+        rows = _cut_top_p(probs, rows, [top_ps[i] for i in rows], min(candidates, vocab))
     if rows:
         _cut_top_p(probs, rows, [top_ps[i] for i in rows], vocab)
     return probs
 
 
-def _cut_top_p(probs: Tensor, rows: list[int], top_ps: list[float], candidates: int) -> list[int]:
-    """Zero the top-p tail of probs[rows] in place; return the rows whose cut lies past `candidates`."""
+def _cut_top_p(probs: Tensor, rows: list[int], top_ps: list[float], candidates: int | Tensor) -> list[int]:
+    """Zero the top-p tail of probs[rows] in place, ranking either the top `candidates` tokens
+    or the given token order [rows, n]; return the rows whose cut lies past the ranked ones."""
     vocab = probs.shape[1]
     subset = _take(probs, rows)
-    if candidates == vocab:
+    if isinstance(candidates, Tensor):
+        order, sorted_probs = candidates, subset.gather(1, candidates)
+    elif candidates == vocab:
         sorted_probs, order = subset.sort(dim=1, descending=True)
     else:
         sorted_probs, order = subset.topk(candidates, dim=1)  # [rows, candidates], most likely first
     mass_before = sorted_probs.cumsum(dim=1) - sorted_probs
     top_p = torch.tensor(top_ps, dtype=probs.dtype, device=probs.device)[:, None]
     cut = mass_before >= top_p  # compared in float32, as the reference compares with a Python float
-    decided = (cut[:, -1] | (candidates == vocab)).tolist()
+    decided = (cut[:, -1] | (order.shape[1] == vocab)).tolist()
     done = torch.tensor([i for i, d in enumerate(decided) if d], dtype=torch.long, device=probs.device)
     done_rows = torch.tensor(rows, device=probs.device).index_select(0, done)
     # Zero the decided rows, then write back the kept candidates: row * vocab + token.
