@@ -211,6 +211,16 @@ def test_batched_filtering_matches_a_naive_per_row_reference():
         assert torch.equal(batched[row], naive_filtered_probs(logits[row], p)), f"row {row}: {p}"
 
 
+def test_top_k_ties_keep_every_tied_token_before_top_p():
+    # Four tokens tie at the 2nd-largest logit: top-k keeps all of them, as the reference does,
+    # so top-p must look past the k ranked tokens it reuses.
+    logits = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0, 4.0]])
+    params = SamplingParams(top_k=2, top_p=0.99)
+    probs = _filtered_probs(logits, [0], [SequenceSampler(params, [], 7)])
+    assert torch.equal(probs[0], naive_filtered_probs(logits[0], params))
+    assert (probs[0] > 0).tolist() == [True, True, True, True, False, False, True]
+
+
 # ------------------------------------------------------------------ penalties and logit_bias
 
 
