@@ -60,7 +60,7 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     """JSON body -> pydantic model; malformed JSON and bad fields are 400s naming the problem."""
     raw = await request.body()
     try:
-        data = json.loads(raw) if raw.strip() else None
+        data = json.loads(raw, parse_constant=_reject_constant) if raw.strip() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -68,6 +68,10 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     parsed = model.model_validate(data)  # ValidationError -> 400 via the error handlers
     log_unknown_fields(request.url.path, parsed)
     return parsed
+
+
+def _reject_constant(name: str) -> None:
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
 def log_unknown_fields(route: str, parsed: BaseModel, prefix: str = "") -> None:
@@ -86,9 +90,16 @@ def log_unknown_fields(route: str, parsed: BaseModel, prefix: str = "") -> None:
                 log_unknown_fields(route, item, f"{prefix}{name}{position}.")
 
 
+FLOAT32_MAX = 3.4028234e38
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 def check_params(params: SamplingParams, vocab_size: int, api_names: dict[str, str] | None = None) -> None:
-    """The engine's own range checks, reported under the API's field names."""
+    """The engine's own range checks, plus float32 range, reported under the API's field names."""
     try:
+        for name in _FLOAT_PARAMS:  # the sampler computes in float32: 1e308 would become inf
+            if not abs(getattr(params, name)) <= FLOAT32_MAX:
+                raise InvalidRequestError(name, f"{name} is out of range")
         params.validate(vocab_size)
     except InvalidRequestError as exc:
         api_name = (api_names or {}).get(exc.param or "", exc.param)
@@ -99,10 +110,8 @@ def check_params(params: SamplingParams, vocab_size: int, api_names: dict[str, s
 
 
 def remaining_context(prompt_tokens: int, context_limit: int) -> int:
-    """Default max_tokens: whatever context is left (prompt + max_tokens <= limit)."""
-    if prompt_tokens >= context_limit:
-        raise ContextOverflowError(context_limit, prompt_tokens + 1, prompt_tokens)
-    return context_limit - prompt_tokens
+    """Default max_tokens: whatever context is left (at least 1, so a full prompt is an overflow, not a bad max_tokens)."""
+    return max(1, context_limit - prompt_tokens)
 
 
 def check_context(prompt_tokens: int, params: SamplingParams, limit: int, param: str) -> None:

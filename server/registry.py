@@ -160,12 +160,6 @@ class ModelRegistry:
         """The first served model (for routes where `model` is optional)."""
         return self.get(self.model_ids[0] if self.model_ids else "")
 
-    def add_ready_hook(self, hook: Callable[[ServedModel], None]) -> None:
-        """Run `hook` on every model now ready and on each one that becomes ready later."""
-        self.on_ready.append(hook)
-        for served in self.models.values():
-            hook(served)
-
     async def load_all(self, engine_settings: dict[str, Any], on_failure: Callable[[Exception], None] | None = None) -> None:
         """Load every pending checkpoint, one after another, off the event loop."""
         for model_id, path in list(self.pending.items()):

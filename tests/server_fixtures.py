@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
+import ollama
+import openai
 import uvicorn
+
+try:
+    import httpx2  # the HTTP library of openai >= 3
+except ImportError:  # older SDKs use httpx
+    httpx2 = httpx
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationSettings, generate
 from server.app import create_app
 from server.settings import load_settings
 
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 # Enough KV blocks for 16 concurrent full contexts of the tiny model (256 tokens = 16 blocks).
 TEST_ENGINE_SETTINGS = {"dtype": "float32", "device": "cpu", "kv_cache_blocks": 272, "max_num_seqs": 32, "block_size": 16}
 
@@ -65,6 +73,28 @@ def serve_app(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+# Test clients send with TCP_NODELAY (as curl and browsers do): httpx writes a POST's headers
+# and body separately, and without it each request waits ~40 ms for a delayed ACK.
+
+
+def http_client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60, transport=httpx.HTTPTransport(socket_options=NODELAY))
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    transport = httpx2.HTTPTransport(socket_options=NODELAY)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=httpx2.Client(transport=transport))
+
+
+def async_openai_client(url: str) -> openai.AsyncOpenAI:
+    client = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(socket_options=NODELAY))
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=client)
+
+
+def ollama_client(url: str) -> ollama.Client:
+    return ollama.Client(host=url, transport=httpx.HTTPTransport(socket_options=NODELAY))
 
 
 def wait_until_ready(url: str, timeout: float = 60) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import ollama
 import pytest
 
 from model.chat import encode_chat
-from tests.server_fixtures import reference_tokens, running_server
+from tests.server_fixtures import http_client, ollama_client, reference_tokens, running_server
 
 MESSAGES = [{"role": "user", "content": "What is a hood?"}]
 # Greedy and no repeat penalty (Ollama's default is 1.1), so answers can be checked against the reference.
@@ -21,10 +20,16 @@ def server(tiny_model_dir):
     with running_server(tiny_model_dir) as running:
         yield running
 
+@pytest.fixture(scope="module")
+def http(server):
+    with http_client(server.url) as client:
+        yield client
+
+
 
 @pytest.fixture(scope="module")
 def client(server):
-    return ollama.Client(host=server.url)
+    return ollama_client(server.url)
 
 
 def reference_text(tiny_model_dir, tokenizer, prompt_ids, max_tokens):
@@ -40,7 +45,7 @@ def assert_final_stats(final, prompt_tokens):
     assert final.total_duration >= final.eval_duration > 0
 
 
-def test_list_show_ps_version(client, server, tiny_model_dir):
+def test_list_show_ps_version(http, client, server, tiny_model_dir):
     name = f"{tiny_model_dir.name}:latest"
     listed = client.list().models
     assert [m.model for m in listed] == [name]
@@ -51,19 +56,19 @@ def test_list_show_ps_version(client, server, tiny_model_dir):
     assert shown.capabilities == ["completion"] and 'stop "<|end|>"' in shown.parameters
     running = client.ps().models
     assert [m.model for m in running] == [name] and running[0].context_length == server.engine.max_seq_len
-    version = httpx.get(f"{server.url}/api/version").json()
+    version = http.get("/api/version").json()
     assert set(version) == {"version"} and version["version"].count(".") == 2
 
 
-def test_chat_matches_reference_and_openai(client, server, tiny_model_dir, tokenizer):
+def test_chat_matches_reference_and_openai(http, client, tiny_model_dir, tokenizer):
     prompt_ids = encode_chat(tokenizer, MESSAGES).ids
     expected, _ = reference_text(tiny_model_dir, tokenizer, prompt_ids, 8)
     reply = client.chat(model=tiny_model_dir.name, messages=MESSAGES, options=GREEDY, stream=False)
     assert reply.model == tiny_model_dir.name and reply.message.role == "assistant"
     assert reply.message.content == expected
     assert_final_stats(reply, len(prompt_ids))
-    openai_reply = httpx.post(
-        f"{server.url}/v1/chat/completions",
+    openai_reply = http.post(
+        "/v1/chat/completions",
         json={"model": tiny_model_dir.name, "messages": MESSAGES, "max_tokens": 8, "temperature": 0},
     ).json()
     assert openai_reply["choices"][0]["message"]["content"] == expected  # one engine, two protocols
@@ -105,34 +110,34 @@ def test_seeded_sampling_is_reproducible(client, tiny_model_dir):
     assert sample(3) != sample(4)
 
 
-def test_ndjson_framing_raw(server, tiny_model_dir):
+def test_ndjson_framing_raw(http, tiny_model_dir):
     body = {"model": tiny_model_dir.name, "messages": MESSAGES, "options": GREEDY}
-    response = httpx.post(f"{server.url}/api/chat", json=body)  # no "stream": Ollama streams by default
+    response = http.post("/api/chat", json=body)  # no "stream": Ollama streams by default
     assert response.status_code == 200 and response.headers["content-type"].startswith("application/x-ndjson")
     assert response.text.endswith("\n")
     objects = [json.loads(line) for line in response.text.splitlines()]
     assert all(set(o) >= {"model", "created_at", "message", "done"} for o in objects)
     assert objects[-1]["done"] and "eval_count" in objects[-1] and "done_reason" in objects[-1]
     assert not any("eval_count" in o for o in objects[:-1])
-    whole = httpx.post(f"{server.url}/api/chat", json={**body, "stream": False})
+    whole = http.post("/api/chat", json={**body, "stream": False})
     assert whole.headers["content-type"].startswith("application/json") and whole.json()["done"] is True
 
 
-def test_request_without_input_only_loads(client, server, tiny_model_dir):
+def test_request_without_input_only_loads(http, client, tiny_model_dir):
     loaded = client.generate(model=tiny_model_dir.name)
     assert (loaded.done, loaded.done_reason, loaded.response) == (True, "load", "")
-    chat = httpx.post(f"{server.url}/api/chat", json={"model": tiny_model_dir.name, "messages": [], "stream": False}).json()
+    chat = http.post("/api/chat", json={"model": tiny_model_dir.name, "messages": [], "stream": False}).json()
     assert chat["done_reason"] == "load" and chat["message"]["content"] == ""
 
 
-def test_errors_use_ollama_shape(client, server, tiny_model_dir):
+def test_errors_use_ollama_shape(http, client, tiny_model_dir):
     with pytest.raises(ollama.ResponseError) as caught:
         client.chat(model="no-such-model", messages=MESSAGES)
     assert caught.value.status_code == 404 and "no-such-model" in caught.value.error
     with pytest.raises(ollama.ResponseError) as caught:
         client.chat(model=tiny_model_dir.name, messages=MESSAGES, options={"top_p": 0}, stream=False)
     assert caught.value.status_code == 400 and "options.top_p" in caught.value.error
-    refused = httpx.post(f"{server.url}/api/generate", json={"model": tiny_model_dir.name, "prompt": "x", "format": "json"})
+    refused = http.post("/api/generate", json={"model": tiny_model_dir.name, "prompt": "x", "format": "json"})
     assert refused.status_code == 400 and "format" in refused.json()["error"]
-    malformed = httpx.post(f"{server.url}/api/chat", content=b'{"model": ')
+    malformed = http.post("/api/chat", content=b'{"model": ')
     assert malformed.status_code == 400 and isinstance(malformed.json()["error"], str)

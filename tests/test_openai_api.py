@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from model.chat import encode_chat
-from tests.server_fixtures import reference_tokens, running_server
+from tests.server_fixtures import async_openai_client, http_client, openai_client, reference_tokens, running_server
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a hood?"}]
 
@@ -25,10 +25,16 @@ def server(tiny_model_dir):
     with running_server(tiny_model_dir) as running:
         yield running
 
+@pytest.fixture(scope="module")
+def http(server):
+    with http_client(server.url) as client:
+        yield client
+
+
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server.url)
 
 
 def expected_chat(tiny_model_dir, tokenizer, messages, max_tokens):
@@ -170,9 +176,9 @@ def test_absent_max_tokens_uses_the_rest_of_the_context(client, tiny_model_dir, 
         assert total == server.engine.max_seq_len
 
 
-def test_sse_framing_raw(server, tiny_model_dir):
+def test_sse_framing_raw(http, tiny_model_dir):
     body = {"model": tiny_model_dir.name, "messages": MESSAGES, "max_tokens": 5, "stream": True}
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.text.endswith("data: [DONE]\n\n")
@@ -182,7 +188,7 @@ def test_sse_framing_raw(server, tiny_model_dir):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(set(c["choices"][0]["delta"]) <= {"content"} for c in chunks[1:])
     completion_body = {"model": tiny_model_dir.name, "prompt": "To be", "max_tokens": 5, "stream": True}
-    completion = httpx.post(f"{server.url}/v1/completions", json=completion_body)
+    completion = http.post("/v1/completions", json=completion_body)
     assert completion.text.endswith("data: [DONE]\n\n")
     first = json.loads(completion.text.split("\n\n")[0].removeprefix("data: "))
     assert first["object"] == "text_completion"
@@ -194,7 +200,7 @@ def test_sixteen_concurrent_streams_are_independent(server, tiny_model_dir):
         return dict(model=tiny_model_dir.name, messages=messages, max_tokens=12, temperature=1.0, seed=index)
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as aclient:
+        async with async_openai_client(server.url) as aclient:
             async def streamed(index):
                 text = ""
                 async for chunk in await aclient.chat.completions.create(**body(index), stream=True):
@@ -229,20 +235,36 @@ class RecordingEngine:
             self.endings.append("finished" if finished else "closed early")
 
 
-def test_client_disconnect_cancels_generation(server, tiny_model_dir):
+@pytest.fixture
+def recorder(server, tiny_model_dir):
     served = server.app.state.registry.models[tiny_model_dir.name]
-    recorder = RecordingEngine(served.engine)
-    served.engine = recorder
-    try:
-        body = {"model": tiny_model_dir.name, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ") and next(lines) == ""  # role chunk arrived
-            next(lines)  # a first token
-        deadline = time.monotonic() + 10
-        while (not recorder.endings or recorder.engine.stats().num_running) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert recorder.endings == ["closed early"]
-        assert recorder.engine.stats().num_running == 0
-    finally:
-        served.engine = recorder.engine
+    recording = RecordingEngine(served.engine)
+    served.engine = recording
+    yield recording
+    served.engine = recording.engine
+
+
+def wait_for_ending(recorder):
+    deadline = time.monotonic() + 10
+    while (not recorder.endings or recorder.engine.stats().num_running) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_client_disconnect_cancels_streaming_generation(http, tiny_model_dir, recorder):
+    body = {"model": tiny_model_dir.name, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) == ""  # role chunk arrived
+        next(lines)  # a first token
+    wait_for_ending(recorder)
+    assert recorder.endings == ["closed early"]
+    assert recorder.engine.stats().num_running == 0
+
+
+def test_client_disconnect_cancels_non_streaming_generation(http, tiny_model_dir, recorder):
+    body = {"model": tiny_model_dir.name, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 200 tokens are done
+        http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.05))
+    wait_for_ending(recorder)
+    assert recorder.endings == ["closed early"]
+    assert recorder.engine.stats().num_running == 0
