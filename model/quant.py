@@ -127,7 +127,8 @@ class QuantizedLinear(_QuantizedBuffers):
     def __init__(self, in_features: int, out_features: int, spec: LayerQuant, device: torch.device | str | None = None):
         super().__init__(out_features, in_features, spec, device)
         self.kernel = "auto"  # "auto" (packed kernel when the device has one) or "reference"
-        self._matmul: tuple[torch.device, str, Any] | None = None  # (device, kernel name, matmul), made at first use
+        self.kernel_name: str | None = None  # the kernel in use; None until the first forward
+        self._matmul = None  # x [M, in] -> [M, out] on the weights' device; made at first use
 
     @classmethod
     def from_weight(cls, weight: QuantizedWeight) -> "QuantizedLinear":
@@ -138,25 +139,19 @@ class QuantizedLinear(_QuantizedBuffers):
 
     def forward(self, x: Tensor) -> Tensor:
         # [..., in] -> [M, in] -> [M, out] -> [..., out]
-        return self.matmul_for(x.device)(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        matmul = self._matmul or self._prepare()
+        return matmul(x.reshape(-1, self.in_features)).view(x.shape[:-1] + (self.out_features,))
 
-    def matmul_for(self, device: torch.device):
-        if self._matmul is None or self._matmul[0] != device:
-            name, matmul = make_matmul(self.quantized_weight(), device, self.kernel)
-            self._matmul = (device, name, matmul)
-        return self._matmul[2]
-
-    @property
-    def kernel_name(self) -> str | None:
-        """Which kernel the last forward used (None before the first)."""
-        return self._matmul[1] if self._matmul else None
+    def _prepare(self):
+        self.kernel_name, self._matmul = make_matmul(self.quantized_weight(), self.scales.device, self.kernel)
+        return self._matmul
 
     def _apply(self, fn, recurse=True):
-        self._matmul = None  # moved or cast: repack at next use
+        self._matmul = self.kernel_name = None  # moved or cast: repack at next use
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._matmul = None
+        self._matmul = self.kernel_name = None
         return super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -144,6 +144,8 @@ def int8_cpu_matmul(weight: QuantizedWeight) -> Matmul:
         data = data.clone()  # the kernel faults on rows that are not 16-byte aligned (mmap of a foreign file)
 
     def matmul(x: Tensor) -> Tensor:
+        if x.dtype is torch.bfloat16:  # the bf16 body of a quantized model: no casts on the hot path
+            return torch._weight_int8pack_mm(x.contiguous(), data, scales)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), data, scales).to(x.dtype)
 
     return matmul
@@ -157,6 +159,8 @@ def int4_cpu_matmul(weight: QuantizedWeight) -> Matmul:
     group_size = weight.group_size
 
     def matmul(x: Tensor) -> Tensor:
+        if x.dtype is torch.bfloat16:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
         x_bf16 = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, packed, group_size, scales_and_zeros).to(x.dtype)
 
