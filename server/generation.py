@@ -4,11 +4,11 @@ Design choices:
 - `start_generation` awaits the engine's first output before returning, so
   admission errors (queue full, context overflow, bad parameter) become a
   proper HTTP status instead of an error in the middle of a 200 stream.
-- Cancellation is structural: every stream is an async generator whose
-  `finally` closes the engine's generator, which aborts the request. A
-  streaming client that disconnects cancels the response task
+- Cancellation is explicit: whoever answers a request closes its engine
+  streams when done (closing the engine's generator aborts a request still
+  running). A streaming client that disconnects stops the response at once
   (`CancellingStreamingResponse` listens for `http.disconnect` while it
-  streams); a non-streaming one is watched by `cancel_on_disconnect`.
+  streams); a non-streaming one is watched by `collect_unless_disconnected`.
 - Request bodies are parsed here rather than by FastAPI, so a body sent
   without `Content-Type: application/json` (curl -d, as in Ollama's docs)
   works, and malformed JSON is a 400 naming the position.
@@ -122,34 +122,58 @@ def check_context(prompt_tokens: int, params: SamplingParams, limit: int, param:
         raise error
 
 
-async def start_generation(engine: Any, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+class AdmittedStream:
+    """An engine stream whose first output has arrived. Closing it, iterated or not, aborts the request."""
+
+    def __init__(self, first: RequestOutput | None, stream: Any):
+        self._first, self._stream = first, stream
+
+    def __aiter__(self) -> "AdmittedStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._stream.aclose()  # a no-op once the engine's stream has finished
+
+
+async def start_generation(engine: Any, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AdmittedStream:
     """Submit a request and wait for its first output: admission errors raise here."""
     stream = engine.generate(GenerationRequest(request_id, prompt_ids, params))
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
-        return _empty_stream()
+        first = None
     except BaseException:
         await stream.aclose()
         raise
-    return _prepend(first, stream)
+    return AdmittedStream(first, stream)
 
 
-async def _empty_stream() -> AsyncIterator[RequestOutput]:
-    return
-    yield  # noqa: unreachable: makes this an async generator
+async def start_all(engine: Any, jobs: list[tuple[str, list[int], SamplingParams]]) -> list[AdmittedStream]:
+    """Submit several requests together (they prefill in the same steps); if one is refused, cancel the rest."""
+    results = await asyncio.gather(*(start_generation(engine, *job) for job in jobs), return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is None:
+        return list(results)
+    await close_all([r for r in results if not isinstance(r, BaseException)])
+    raise failure
 
 
-async def _prepend(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    try:
-        yield first
-        async for output in stream:
-            yield output
-    finally:
-        await stream.aclose()  # closing the engine's generator aborts the request if it still runs
+async def close_all(streams: list[AdmittedStream]) -> None:
+    """Close streams (aborting whatever still runs), even if the caller is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        for stream in streams:
+            with suppress(Exception):
+                await stream.aclose()
 
 
-async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_streams(streams: list[AdmittedStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several engine streams as their outputs arrive: (stream index, output)."""
     if len(streams) == 1:
         async for output in streams[0]:
@@ -158,7 +182,7 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
     queue: asyncio.Queue = asyncio.Queue()
     done_marker = object()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: AdmittedStream) -> None:
         try:
             async for output in stream:
                 await queue.put((index, output))
@@ -181,9 +205,7 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
     finally:
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            with suppress(Exception):
-                await stream.aclose()
+        await close_all(streams)
 
 
 @dataclass
@@ -224,31 +246,36 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[ResultT]) -> ResultT:
-    """Run `work`, cancelling it (and so its generation) if the client goes away first."""
+async def collect_unless_disconnected(request: Request, work: Awaitable[ResultT], streams: list[AdmittedStream]) -> ResultT:
+    """Run `work` (which consumes `streams`); if the client goes away first, cancel it and abort the streams."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
         raise ClientDisconnectedError()
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await close_all(streams)
 
 
 class CancellingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that stops (and closes) its body iterator when the client disconnects.
+    """A StreamingResponse that stops its body and aborts its engine streams when the client disconnects.
 
     Starlette only notices a gone client when a write fails, which for a slow
     generation can be many seconds later; listening for `http.disconnect`
-    alongside the stream frees the engine's slot at once.
+    alongside the stream frees the engine's slot at once. The engine streams
+    are closed at the end whatever happened (even if the body never started).
     """
+
+    def __init__(self, content: Any, *, streams: list[AdmittedStream], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -263,10 +290,9 @@ class CancellingStreamingResponse(StreamingResponse):
                 await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
         finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                with anyio.CancelScope(shield=True):
-                    await close()
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            await close_all(self.streams)
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

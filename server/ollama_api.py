@@ -24,12 +24,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from model.chat import encode_chat
-from server.engine.types import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob, Usage
+from server.engine.types import InvalidRequestError, SamplingParams, TokenLogprob, Usage
 from server.generation import (
+    AdmittedStream,
     CancellingStreamingResponse,
     ChoiceState,
     TokenPieces,
-    cancel_on_disconnect,
+    collect_unless_disconnected,
     check_context,
     check_params,
     parse_body,
@@ -132,8 +133,8 @@ async def ndjson_stream(objects: AsyncIterator[Any]) -> AsyncIterator[str]:
         yield json.dumps(to_api_error(exc).ollama_body()) + "\n"
 
 
-def ndjson_response(objects: AsyncIterator[Any]) -> Response:
-    return CancellingStreamingResponse(ndjson_stream(objects), media_type=NDJSON)
+def ndjson_response(objects: AsyncIterator[Any], streams: list[AdmittedStream]) -> Response:
+    return CancellingStreamingResponse(ndjson_stream(objects), streams=streams, media_type=NDJSON)
 
 
 def json_response(item: Any) -> Response:
@@ -144,11 +145,11 @@ async def answer(request: Request, job: GenerationJob, stream: bool, make_object
     """Run a job; `make_object(text, logprobs, final)` builds each answer object."""
     outputs = await start_generation(job.served.engine, new_id("ollama"), job.prompt_ids, job.params)
     if stream:
-        return ndjson_response(streamed_objects(job, outputs, make_object))
-    return json_response(await cancel_on_disconnect(request, collected_object(job, outputs, make_object)))
+        return ndjson_response(streamed_objects(job, outputs, make_object), [outputs])
+    return json_response(await collect_unless_disconnected(request, collected_object(job, outputs, make_object), [outputs]))
 
 
-async def streamed_objects(job: GenerationJob, outputs: AsyncIterator[RequestOutput], make_object) -> AsyncIterator[Any]:
+async def streamed_objects(job: GenerationJob, outputs: AdmittedStream, make_object) -> AsyncIterator[Any]:
     generated: list[int] = []
     usage, finish_reason = None, None
     async for output in outputs:
@@ -161,7 +162,7 @@ async def streamed_objects(job: GenerationJob, outputs: AsyncIterator[RequestOut
     yield make_object("", None, final_fields(job, generated, finish_reason, usage))
 
 
-async def collected_object(job: GenerationJob, outputs: AsyncIterator[RequestOutput], make_object) -> Any:
+async def collected_object(job: GenerationJob, outputs: AdmittedStream, make_object) -> Any:
     state, usage = ChoiceState(), None
     async for output in outputs:
         for delta in output.deltas:

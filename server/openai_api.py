@@ -29,17 +29,19 @@ from model.chat import encode_chat
 from server.engine.types import InvalidRequestError, RequestOutput, TokenLogprob, Usage
 from server.generation import (
     SSE_HEADERS,
+    AdmittedStream,
     CancellingStreamingResponse,
     ChoiceState,
     TokenPieces,
     add_usage,
-    cancel_on_disconnect,
+    collect_unless_disconnected,
     check_context,
     check_params,
     merge_streams,
     new_id,
     parse_body,
     remaining_context,
+    start_all,
     start_generation,
 )
 from server.http_errors import to_api_error
@@ -125,8 +127,8 @@ async def sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield sse("[DONE]")
 
 
-def event_stream_response(chunks: AsyncIterator[str]) -> Response:
-    return CancellingStreamingResponse(sse_stream(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+def event_stream_response(chunks: AsyncIterator[str], streams: list[AdmittedStream]) -> Response:
+    return CancellingStreamingResponse(sse_stream(chunks), streams=streams, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 # ------------------------------------------------------------------ models
@@ -162,12 +164,12 @@ async def chat_completions(request: Request) -> Response:
     context = ResponseContext.create("chatcmpl", served)
     outputs = await start_generation(served.engine, context.response_id, prompt_ids, params)
     if body.stream:
-        return event_stream_response(chat_chunks(context, outputs, params.n, body.include_usage))
-    answer = await cancel_on_disconnect(request, collect_chat(context, outputs, params.n))
+        return event_stream_response(chat_chunks(context, outputs, params.n, body.include_usage), [outputs])
+    answer = await collect_unless_disconnected(request, collect_chat(context, outputs, params.n), [outputs])
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-async def collect_chat(context: ResponseContext, outputs: AsyncIterator[RequestOutput], n: int) -> ChatCompletion:
+async def collect_chat(context: ResponseContext, outputs: AdmittedStream, n: int) -> ChatCompletion:
     choices, usage = await collect_choices(merge_streams([outputs]), n)
     return ChatCompletion(
         **context.header,
@@ -184,7 +186,7 @@ async def collect_chat(context: ResponseContext, outputs: AsyncIterator[RequestO
     )
 
 
-async def chat_chunks(context: ResponseContext, outputs: AsyncIterator[RequestOutput], n: int, include_usage: bool) -> AsyncIterator[str]:
+async def chat_chunks(context: ResponseContext, outputs: AdmittedStream, n: int, include_usage: bool) -> AsyncIterator[str]:
     for index in range(n):  # the first chunk of each choice carries the role
         role = ChatCompletionChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))
         yield ChatCompletionChunk(**context.header, choices=[role]).model_dump_json()
@@ -260,27 +262,23 @@ async def completions(request: Request) -> Response:
     served = registry_of(request).get(body.model)
     prompts = tokenize_prompts(body, served)
     context = ResponseContext.create("cmpl", served)
-    streams = []
-    try:
-        for index, prompt in enumerate(prompts):
-            params = body.to_sampling_params(remaining_context(len(prompt.token_ids), served.max_seq_len))
-            check_params(params, served.tokenizer.vocab_size, COMPLETION_PARAM_NAMES)
-            check_context(len(prompt.token_ids), params, served.max_seq_len, "prompt")
-            request_id = context.response_id if len(prompts) == 1 else f"{context.response_id}-{index}"
-            streams.append(await start_generation(served.engine, request_id, prompt.token_ids, params))
-    except BaseException:
-        for stream in streams:  # a later prompt was refused: cancel the ones already admitted
-            await stream.aclose()
-        raise
+    jobs = []
+    for index, prompt in enumerate(prompts):
+        params = body.to_sampling_params(remaining_context(len(prompt.token_ids), served.max_seq_len))
+        check_params(params, served.tokenizer.vocab_size, COMPLETION_PARAM_NAMES)
+        check_context(len(prompt.token_ids), params, served.max_seq_len, "prompt")
+        request_id = context.response_id if len(prompts) == 1 else f"{context.response_id}-{index}"
+        jobs.append((request_id, prompt.token_ids, params))
+    streams = await start_all(served.engine, jobs)
     n = body.n or 1
     echoes = [p.text if body.echo else "" for p in prompts]
     if body.stream:
-        return event_stream_response(completion_chunks(context, streams, n, echoes, body.include_usage))
-    answer = await cancel_on_disconnect(request, collect_completion(context, streams, n, echoes))
+        return event_stream_response(completion_chunks(context, streams, n, echoes, body.include_usage), streams)
+    answer = await collect_unless_disconnected(request, collect_completion(context, streams, n, echoes), streams)
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-async def collect_completion(context: ResponseContext, streams: list, n: int, echoes: list[str]) -> Completion:
+async def collect_completion(context: ResponseContext, streams: list[AdmittedStream], n: int, echoes: list[str]) -> Completion:
     choices, usage = await collect_choices(merge_streams(streams), n)
     return Completion(
         **context.header,
@@ -297,7 +295,7 @@ async def collect_completion(context: ResponseContext, streams: list, n: int, ec
     )
 
 
-async def completion_chunks(context: ResponseContext, streams: list, n: int, echoes: list[str], include_usage: bool) -> AsyncIterator[str]:
+async def completion_chunks(context: ResponseContext, streams: list[AdmittedStream], n: int, echoes: list[str], include_usage: bool) -> AsyncIterator[str]:
     for prompt_index, echo in enumerate(echoes):
         for choice in range(n):
             if echo:

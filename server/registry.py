@@ -41,7 +41,7 @@ class ServedModel:
     engine: Any  # server.engine.engine.Engine
     metadata: dict[str, Any]  # config.json
     created: int  # unix time the model was loaded (OpenAI's "created")
-    load_seconds: float  # how long loading took (Ollama's load_duration on the first request)
+    load_seconds: float  # how long loading took (logged)
     size_bytes: int  # weights file size
     digest: str  # sha256 of config.json + weights size and mtime: changes when the checkpoint does
     modified_at: float  # weights file mtime
@@ -65,9 +65,11 @@ class ServedModel:
 
     @property
     def quantization_level(self) -> str:
-        quantization = self.metadata.get("quantization") or {}
-        if quantization:
-            return str(quantization.get("method") or quantization.get("scheme") or quantization.get("bits", "quantized")).upper()
+        """Ollama's quantization_level: INT8 / INT4 (weight-only, config.json quantization.modules) or BF16 / F32."""
+        modules = (self.metadata.get("quantization") or {}).get("modules") or {}
+        methods = sorted({str(entry.get("method", "")).upper() for entry in modules.values() if isinstance(entry, dict)})
+        if methods:
+            return "+".join(methods)
         return str(self.metadata.get("dtype", "float32")).upper().replace("BFLOAT", "BF").replace("FLOAT", "F")
 
     @property
