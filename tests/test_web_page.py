@@ -7,6 +7,7 @@ needed. Skipped, saying so, only where no Chromium binary can be found.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -162,8 +163,9 @@ def test_multi_turn_sends_the_history(page, server):
     assert prompt_tokens > single_turn + 8  # the two earlier exchanges went along
 
 
-def test_stop_button_cancels_the_stream(page, server):
-    set_control(page, "max-tokens", 200)
+def test_stop_button_cancels_the_stream(page, server, paced):
+    set_control(page, "max-tokens", 200)  # paced: 6 s of outputs, so the stream is surely running at the click
+    set_control(page, "seed", 7)
     cancelled = server.app.state.metrics.finished.labels("tiny", "cancelled")
     before = cancelled._value.get()
     # Click Stop from inside the page the moment the first text arrives, so the race is not ours.
@@ -184,14 +186,32 @@ def test_stop_button_cancels_the_stream(page, server):
 
 
 def test_server_error_is_shown_and_the_turn_given_back(page):
-    set_control(page, "max-tokens", 100000)  # beyond the tiny model's 256-token context: 400
-    page.fill("#prompt", "too long a reply")
+    set_control(page, "seed", "1e30")  # beyond int64: the server refuses the request with a 400
+    page.fill("#prompt", "a doomed question")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#error:not([hidden])", timeout=20_000)
     message = page.inner_text("#error-text")
-    assert message.startswith("Server error 400") and "context length" in message
+    assert message.startswith("Server error 400") and "seed" in message
     assert page.query_selector(".message") is None  # the failed turn was taken out...
-    assert page.input_value("#prompt") == "too long a reply"  # ...and its text given back for a retry
+    assert page.input_value("#prompt") == "a doomed question"  # ...and its text given back for a retry
+
+
+def test_reply_length_fits_the_context(page, server):
+    sent = []
+    page.on("request", lambda request: sent.append(json.loads(request.post_data))
+            if request.url.endswith("/v1/chat/completions") else None)
+    set_control(page, "max-tokens", 100000)  # far beyond the tiny model's 256-token context
+    page.fill("#prompt", "hi")
+    page.press("#prompt", "Enter")
+    wait_for_reply(page)
+    assert page.is_hidden("#error")
+    prompt = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()["count"]
+    assert [body["max_tokens"] for body in sent] == [256 - prompt]  # capped to what the context has left
+    page.fill("#prompt", "word " * 300)  # now the conversation alone is longer than the context
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+    assert "fills the model's context of 256 tokens" in page.inner_text("#error-text")
+    assert len(page.query_selector_all(".message.user")) == 1 and len(sent) == 1  # nothing sent for the long one
 
 
 def _wait(condition, timeout: float = 10.0) -> bool:

@@ -14,6 +14,7 @@ const SETTING_IDS = ["temperature", "top-k", "top-p", "max-tokens", "seed", "sys
 const state = {
   messages: [],        // the conversation sent with each request: {role, content}
   controller: null,    // AbortController of the stream in flight, if any
+  contextLengths: {},  // model id -> max_model_len from /v1/models (when the server says)
 };
 
 // ---- settings -------------------------------------------------------------------------------
@@ -90,7 +91,9 @@ async function loadModels(preferred) {
     return;
   }
   if (!response.ok) { showError((await responseError(response)).message); return; }
-  const models = ((await response.json()).data || []).map((model) => model.id);
+  const cards = (await response.json()).data || [];
+  const models = cards.map((model) => model.id);
+  for (const card of cards) if (card.max_model_len) state.contextLengths[card.id] = card.max_model_len;
   picker.replaceChildren(...models.map((id) => new Option(id, id)));
   if (models.includes(preferred)) picker.value = preferred;
   if (models.length === 0) showError("The server lists no models (GET /v1/models is empty).");
@@ -185,6 +188,28 @@ function requestBody() {
   return body;
 }
 
+// Fit max_tokens into what is left of the model's context, so a long conversation or a small
+// model gets a shorter reply instead of a refusal. Asks the server's /tokenize for the prompt's
+// length; where that route is missing (another OpenAI server), the body goes as it is.
+async function fitToContext(body) {
+  const limit = state.contextLengths[body.model];
+  if (!limit) return body;
+  let count;
+  try {
+    const response = await fetch("tokenize", {
+      method: "POST", headers: requestHeaders(), body: JSON.stringify({ model: body.model, messages: body.messages }),
+    });
+    if (!response.ok) return body;  // the chat request will report the problem itself
+    count = (await response.json()).count;
+  } catch (_) {
+    return body;
+  }
+  if (count >= limit) {
+    throw new Error(`This conversation (${count} tokens) fills the model's context of ${limit} tokens. Start a New chat.`);
+  }
+  return { ...body, max_tokens: Math.min(body.max_tokens, limit - count) };
+}
+
 function describeTiming(timing, usage) {
   const tokens = usage ? usage.completion_tokens : timing.chunks;
   const parts = [`${tokens} token${tokens === 1 ? "" : "s"}`];
@@ -201,7 +226,7 @@ async function streamReply(node, body, signal) {
   const timing = { start: performance.now(), first: null, chunks: 0 };
   let usage = null;
   const response = await fetch("v1/chat/completions", {
-    method: "POST", headers: requestHeaders(), body: JSON.stringify(body), signal,
+    method: "POST", headers: requestHeaders(), body: JSON.stringify(await fitToContext(body)), signal,
   });
   if (!response.ok) throw await responseError(response);
   try {
@@ -245,7 +270,7 @@ async function send(text) {
       state.messages.push({ role: "assistant", content: partial });
     } else {
       // Nothing came back: take the turn out again and give the text back for a retry.
-      showError(err.message.startsWith("Server error") ? err.message : `Request failed: ${err.message}`);
+      showError(err instanceof TypeError ? `Cannot reach the server: ${err.message}` : err.message);
       state.messages.pop();
       userNode.remove();
       node.remove();
