@@ -1,6 +1,7 @@
 """Weight quantization: error bounds, packed kernels vs the dequantize reference,
 checkpoint round trips, and the refusals."""
 
+import asyncio
 import json
 import math
 
@@ -110,6 +111,18 @@ def test_kernel_choice_falls_back_to_reference_where_packed_kernels_cannot_go():
     assert make_matmul(quantize_int8(random_weight(32, 64), 32), cpu)[0] == "reference"  # grouped int8
     assert make_matmul(quantize_int4(random_weight(40, 64), 32), cpu)[0] == "reference"  # 40 % 16 != 0
     assert make_matmul(quantize_int4(random_weight(48, 64), 32), cpu)[0] == "int4_cpu"
+
+
+@pytest.mark.parametrize("kernel", ["int8_cpu", "int4_cpu"])
+def test_packed_kernels_are_batch_invariant(kernel):
+    """A row's output does not depend on the rows batched with it (the engine relies on it)."""
+    weight = quantize_int8(random_weight(64, 256)) if kernel == "int8_cpu" else quantize_int4(random_weight(64, 256), 32)
+    matmul = make_matmul(weight, torch.device("cpu"), kernel)[1]
+    inputs = torch.randn(9, 256).to(torch.bfloat16)
+    together = matmul(inputs)
+    for row in range(9):
+        assert torch.equal(matmul(inputs[row : row + 1])[0], together[row])
+        assert torch.equal(matmul(inputs[: row + 1])[row], together[row])
 
 
 def test_int8_kernel_takes_unaligned_weights():
@@ -247,6 +260,35 @@ def test_fp32_body_and_reference_generator_work_on_quantized_checkpoints(trained
     tokens = list(generate(bf16_model, prompt, greedy))
     assert len(tokens) == 12
     assert tokens == list(generate(bf16_model, prompt, greedy))  # deterministic through the KV cache
+
+
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
+def test_engine_serves_quantized_checkpoints(trained, tmp_path, method, group_size):
+    """The serving engine (bf16, paged cache, batching) gives the reference generator's greedy tokens."""
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    _, path, _ = trained
+    quantize_checkpoint(path, tmp_path / "q", method, group_size)
+    model = load_checkpoint(tmp_path / "q").model
+    tokenizer = load_checkpoint(tmp_path / "q").tokenizer
+    prompts = [tokenizer.encode(text, add_bos=True) for text in ("ROMEO:", "To be, or not", "What light through")]
+
+    async def greedy(engine, index, prompt):
+        request = GenerationRequest(f"r{index}", prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        return [t async for output in engine.generate(request) for delta in output.deltas for t in delta.token_ids]
+
+    async def serve_all(engine):
+        return await asyncio.gather(*(greedy(engine, i, p) for i, p in enumerate(prompts)))
+
+    engine = Engine.from_checkpoint(tmp_path / "q", EngineConfig(dtype="bfloat16", max_num_seqs=4))
+    engine.start()
+    try:
+        served = asyncio.run(serve_all(engine))
+    finally:
+        engine.shutdown()
+    for prompt, tokens in zip(prompts, served):
+        assert tokens == list(generate(model, prompt, GenerationSettings(max_tokens=10, temperature=0)))
 
 
 def test_sizes_on_disk(trained, tmp_path):
