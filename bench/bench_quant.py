@@ -42,7 +42,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.decoder import Transformer  # noqa: E402
 from model.generate import GenerationSettings, generate  # noqa: E402
-from model.quant import DEFAULT_SKIP, QuantizedLinear, quantize_checkpoint  # noqa: E402
+from model.quant import DEFAULT_SKIP, QuantizedEmbedding, QuantizedLinear, quantize_checkpoint  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,7 @@ class Variant:
     group_size: int | None = None
     skip: tuple[str, ...] = DEFAULT_SKIP  # modules kept in bf16
     dtype: torch.dtype | None = None  # full precision only: load in this dtype
+    engine_pack: bool = False  # speed: swap bf16 linears for the serving engine's packed oneDNN ones
 
 
 def build_variant(variant: Variant, source: Path, workdir: Path) -> Path:
@@ -77,12 +78,19 @@ def file_mb(folder: Path) -> float:
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    """nn.Linear, QuantizedLinear and the engine's packed linears: whatever reads a weight per token."""
+    return [m for m in model.modules() if hasattr(m, "out_features") and not isinstance(m, QuantizedEmbedding)]
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    if isinstance(layer, QuantizedLinear):  # data, scales and zeros
+        return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    element_size = layer.weight.element_size() if isinstance(layer, nn.Linear) else 2  # packed: bf16
+    return layer.in_features * layer.out_features * element_size
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of every linear layer's stored weight (quantized data, scales and zeros included)."""
-    return sum(sum(t.numel() * t.element_size() for t in layer.state_dict().values()) for layer in linear_layers(model))
+    return sum(weight_bytes(layer) for layer in linear_layers(model))
 
 
 def read_bandwidth_gbs(repeats: int = 5) -> float:
@@ -119,6 +127,19 @@ def matmul_ms_per_token(model: nn.Module, repeats: int = 5) -> float:
     return best * 1e3
 
 
+try:  # the serving engine's bf16 fast path, when this checkout has it
+    from server.engine.cpu_fast import pack_model as ENGINE_PACK  # noqa: E402
+except ImportError:
+    ENGINE_PACK = None
+
+
+def load_for_speed(folder: Path, variant: Variant) -> nn.Module:
+    model = load_checkpoint(folder, dtype=variant.dtype).model
+    if variant.engine_pack:
+        ENGINE_PACK(model)
+    return model
+
+
 def run_speed(args: argparse.Namespace, workdir: Path) -> None:
     torch.set_num_threads(args.threads)
     config = ModelConfig.from_preset("small", vocab_size=32000)
@@ -128,15 +149,16 @@ def run_speed(args: argparse.Namespace, workdir: Path) -> None:
     variants = [
         Variant("fp32", None, dtype=torch.float32),
         Variant("bf16", None, dtype=torch.bfloat16),
+        Variant("bf16, engine's packed linears", None, dtype=torch.bfloat16, engine_pack=True),
         Variant("int8", "int8"),
-        Variant("int8, lm_head bf16", "int8", skip=("embed", "lm_head")),
+        Variant("int8, lm_head bf16 packed", "int8", skip=("embed", "lm_head"), engine_pack=True),
         Variant("int4 g32", "int4", 32),
-        Variant("int4 g32, lm_head int4", "int4", 32, skip=()),
+        Variant("int4 g32, lm_head bf16 packed", "int4", 32, skip=("embed", "lm_head"), engine_pack=True),
         Variant("int4 g128", "int4", 128),
     ]
-    variants = [v for v in variants if not args.only or v.label in args.only]
+    variants = [v for v in variants if (not args.only or v.label in args.only) and (ENGINE_PACK or not v.engine_pack)]
     folders = {v.label: build_variant(v, source, workdir) for v in variants}
-    models = {v.label: load_checkpoint(folders[v.label], dtype=v.dtype).model for v in variants}
+    models = {v.label: load_for_speed(folders[v.label], v) for v in variants}
     prompt = list(range(1, 9))
     for model in models.values():
         decode_tokens_per_second(model, prompt, 4)  # warm up: int4 packs at first use

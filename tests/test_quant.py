@@ -125,6 +125,17 @@ def test_packed_kernels_are_batch_invariant(kernel):
         assert torch.equal(matmul(inputs[: row + 1])[row], together[row])
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_stacked_layers_give_the_same_bits(method):
+    quantize = (lambda w: quantize_int8(w)) if method == "int8" else (lambda w: quantize_int4(w, 32))
+    layers = [QuantizedLinear.from_weight(quantize(random_weight(rows, 128, seed=rows))) for rows in (64, 32, 32)]
+    stacked = QuantizedLinear.stacked(*layers)
+    inputs = torch.randn(1, 3, 128, dtype=torch.bfloat16)
+    assert torch.equal(stacked(inputs), torch.cat([layer(inputs) for layer in layers], dim=-1))
+    with pytest.raises(ValueError, match="same input width"):
+        QuantizedLinear.stacked(layers[0], QuantizedLinear.from_weight(quantize(random_weight(32, 64))))
+
+
 def test_int8_kernel_takes_unaligned_weights():
     """The CPU int8 kernel faults on rows that are not 16-byte aligned: they are copied first."""
     quantized = quantize_int8(random_weight(64, 64))
