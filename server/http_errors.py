@@ -133,6 +133,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
     if isinstance(exc, BodyTooLargeError):
         return APIError(413, str(exc), code="request_too_large")
+    if isinstance(exc, ClientDisconnectedError):  # nobody will read it; 499 as nginx logs it
+        return APIError(499, "client closed the request", code="client_closed_request")
     logger.error("internal error", exc_info=exc)
     return APIError(500, "internal server error (see the server log)", code="internal_error")
 
@@ -157,7 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error = APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code="not_found")
         return error_response(request, error)
 
-    for exc_type in (APIError, HearthError, ValidationError, BodyTooLargeError, Exception):
+    for exc_type in (APIError, HearthError, ValidationError, BodyTooLargeError, ClientDisconnectedError, Exception):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)
 
