@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import read_safetensors
+from model.decoder import Transformer
 from trainer.cli import main
+from trainer.fast_model import TrainingTransformer
 from trainer.loop import TrainConfig, train
 from trainer.optim import Schedule, build_optimizer
 
@@ -99,6 +101,22 @@ def test_accumulation_equals_one_big_batch_with_masked_targets(tmp_path, tokeniz
     naive = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     assert first_loss == pytest.approx(naive.item(), abs=1e-4)
     assert result.steps == 3
+
+
+def test_fused_training_forward_matches_the_reference(tokenizer):
+    """TrainingTransformer (fused qkv / gate-up, cached rope) == Transformer: logits and gradients."""
+    reference = make_tiny_model(tokenizer)
+    fused = TrainingTransformer(reference.config)
+    fused.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, tokenizer.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    logits = [model(tokens) for model in (reference, fused)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    for model, out in zip((reference, fused), logits):
+        (out.square().mean()).backward()
+    for (name, param), other in zip(reference.named_parameters(), fused.parameters()):
+        assert torch.allclose(param.grad, other.grad, atol=1e-6), name
+    positions = torch.arange(5)[None] + 7  # anything but the training case takes the reference path
+    assert torch.equal(fused(tokens[:1, :5], positions), Transformer.forward(fused, tokens[:1, :5], positions))
 
 
 def test_bf16_autocast_tracks_fp32(tmp_path, tokenizer):

@@ -28,11 +28,11 @@ import torch
 
 from model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_metadata, read_safetensors
 from model.config import PRESETS, ModelConfig
-from model.decoder import Transformer
 from model.errors import CheckpointError, ConfigError, HearthError
 from model.tokenizer import Tokenizer, TokenizerInfo
 from trainer.data import CleaningSettings, DataError, resolve_inputs
 from trainer.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
+from trainer.fast_model import TrainingTransformer
 from trainer.loop import STATE_JSON, TrainConfig, TrainResult, train
 from trainer.token_cache import TokenCache, TokenWindows, load_or_build_cache, train_tokenizer_cached
 
@@ -247,9 +247,9 @@ def _model_config(settings: PretrainSettings, tokenizer: Tokenizer) -> ModelConf
     return ModelConfig.from_preset(settings.preset, vocab_size=tokenizer.vocab_size)
 
 
-def _build_model(config: ModelConfig, settings: PretrainSettings, out: Path) -> Transformer:
+def _build_model(config: ModelConfig, settings: PretrainSettings, out: Path) -> TrainingTransformer:
     """Fresh weights, or on resume the checkpoint's (copied into fp32 training tensors)."""
-    model = Transformer(config)
+    model = TrainingTransformer(config)  # the decoder with a fused training forward; same weights
     if not settings.resume:
         return model.init_weights(settings.seed)
     saved_config = read_metadata(out).get("model", {})
