@@ -11,7 +11,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationSettings, generate
 from server.engine import Engine, EngineConfig
-from server.engine.worker import can_pack, pack_linears
+from server.engine.cpu_fast import can_pack, pack_model
 from server.engine.types import (
     ContextOverflowError,
     GenerationRequest,
@@ -282,7 +282,7 @@ def test_bfloat16_engine_is_batch_invariant_too(tiny_model_dir, tokenizer):
     """The serving dtype: packed oneDNN linears and the paged attention keep rows independent."""
     engine = make_engine(tiny_model_dir, dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=48)
     try:
-        assert engine.worker.num_packed_linears == (15 if can_pack(torch.bfloat16, torch.device("cpu")) else 0)
+        assert engine.worker.num_packed_matmuls == (2 * 4 + 1 if can_pack(torch.bfloat16, torch.device("cpu")) else 0)
         target, *others = prompts(tokenizer, 6)[::-1]
         alone = asyncio.run(collect(engine, "alone", target, GREEDY))
         crowded = asyncio.run(collect_all(engine, [(p, GREEDY) for p in others] + [(target, GREEDY)]))
@@ -291,12 +291,12 @@ def test_bfloat16_engine_is_batch_invariant_too(tiny_model_dir, tokenizer):
         engine.shutdown()
 
 
-def test_packed_linears_give_the_same_bits_as_nn_linear(tiny_model_dir):
+def test_packed_fused_model_gives_the_same_bits_as_the_plain_one(tiny_model_dir):
     if not can_pack(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no oneDNN bf16 on this CPU: the engine keeps nn.Linear")
     plain = load_checkpoint(tiny_model_dir, dtype=torch.bfloat16).model
     packed = copy.deepcopy(plain)
-    assert pack_linears(packed) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the (tied) LM head
+    assert pack_model(packed) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the (tied) LM head
     tokens = torch.randint(0, plain.config.vocab_size, (1, 37))
     with torch.inference_mode():
         for rows in (1, 5, 37):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
+from server.engine import kv_cache
 from server.engine.kv_cache import (
     NULL_BLOCK_ID,
     BlockPool,
@@ -108,9 +109,10 @@ def make_cache(dtype=torch.float32, row_multiple=1, n_kv_heads=2):
     return config, PagedKVCache(config, num_blocks=16, block_size=4, dtype=dtype, row_multiple=row_multiple)
 
 
-@pytest.mark.parametrize("row_multiple,n_kv_heads", [(1, 2), (4, 2), (4, 4)])
-def test_paged_attention_matches_dense_sdpa(row_multiple, n_kv_heads):
+@pytest.mark.parametrize("row_multiple,n_kv_heads,max_query_rows", [(1, 2, 256), (4, 2, 256), (4, 4, 256), (4, 2, 4)])
+def test_paged_attention_matches_dense_sdpa(row_multiple, n_kv_heads, max_query_rows, monkeypatch):
     """Two decodes and two prefill chunks (one continuing a cached prefix), scattered blocks."""
+    monkeypatch.setattr(kv_cache, "MAX_QUERY_ROWS", max_query_rows)  # 4: long chunks attend in slices
     torch.manual_seed(0)
     config, cache = make_cache(row_multiple=row_multiple, n_kv_heads=n_kv_heads)
     H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim

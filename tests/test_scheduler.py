@@ -224,3 +224,18 @@ def test_waiting_request_that_does_not_fit_waits_fifo():
     output, _ = step(scheduler)
     assert scheduled_tokens(output) == {"big": 1}  # huge does not fit; small waits behind it
     assert [s.request_id for s in scheduler.waiting] == ["huge", "small"]
+
+
+def test_a_fork_with_no_block_for_its_copy_waits_and_recomputes():
+    scheduler = make_scheduler(num_blocks=4)  # 3 usable blocks: the 10-token prompt takes all three
+    parent = make_seq("req", 10, max_tokens=2, n=2)
+    scheduler.add_sequence(parent)
+    output = scheduler.schedule()
+    events = scheduler.update_from_output(output, {parent.seq_id: [1, 2]})
+    child = events[1].seq
+    assert child.choice_index == 1 and child.status is SequenceStatus.WAITING and child.token_ids[10:] == [2]
+    assert scheduler.kv.block_ids(child.seq_id) == []
+    for _ in range(4):
+        step(scheduler)
+    assert parent.is_finished and child.is_finished and child.num_output_tokens == 2
+    assert scheduler.kv.num_used_blocks == 0

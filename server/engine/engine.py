@@ -78,6 +78,9 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HearthError(f"engine config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise HearthError(f"engine config: max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token each step")
         if self.max_waiting < 0:
             raise HearthError(f"engine config: max_waiting must be >= 0, got {self.max_waiting}")
         if self.dtype not in ("auto", *DTYPES):

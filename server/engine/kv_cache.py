@@ -50,6 +50,7 @@ NULL_BLOCK_ID = 0  # reserved: padding rows write here, padded block tables poin
 # Attention reads at least this many (masked) keys: PyTorch runs batched matmuls smaller
 # than 400 multiply-adds per matrix through a separate naive kernel, whose rounding differs.
 MIN_ATTENTION_KEYS = 16
+MAX_QUERY_ROWS = 256  # a prefill chunk's attention runs in slices of this many rows
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -317,7 +318,12 @@ class PagedKVCache:
         for chunk in chunks[num_decodes:]:
             if chunk.num_rows == 1:
                 raise ValueError("single-row chunks must come first in the batch")
-            segments.append(self._segment([chunk], row))
+            # Long chunks attend in slices of query rows: bounded score memory, and each
+            # slice reads only the keys up to its own last row.
+            for offset in range(0, chunk.num_rows, MAX_QUERY_ROWS):
+                rows = min(MAX_QUERY_ROWS, chunk.num_rows - offset)
+                piece = SequenceChunk(chunk.start_position + offset, rows, chunk.block_ids)
+                segments.append(self._segment([piece], row + offset))
             row += chunk.num_rows
         return AttentionMetadata(torch.tensor(slots, device=device), segments, num_rows)
 

@@ -14,10 +14,8 @@ Design choices:
   (MKL float32 under 4 rows), the batch and the LM head rows are padded to a
   multiple of `row_multiple` (probed at start-up, 1 for bfloat16 here), so a
   request's tokens do not depend on what else runs in the step.
-- On CPU in bfloat16, every nn.Linear is swapped for `PackedLinear`: oneDNN
-  with the weight reordered once into its blocked layout. Same results bit for
-  bit (tested), but the default bf16 path re-reads the plain layout badly:
-  measured 2-10x slower per GEMV here, worst on the 32000-wide LM head.
+- On CPU in bfloat16 the model's matmuls are swapped for pre-packed, fused
+  oneDNN ones (server/engine/cpu_fast.py): same bits, fewer and faster calls.
 - Sampling failures stay per sequence: `sample_batch` returns an exception in
   that row's slot. An exception in the forward itself propagates: the engine
   fails the step's requests and carries on.
@@ -26,9 +24,10 @@ Design choices:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from model.decoder import Transformer
+from server.engine.cpu_fast import can_pack, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
 from server.engine.sampling import SampleResult, sample_batch
 from server.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -43,7 +42,7 @@ class ModelWorker:
         self.device = weight.device
         self.dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
         self.row_multiple = find_row_multiple(self.dtype, self.device)
-        self.num_packed_linears = pack_linears(model) if can_pack(self.dtype, self.device) else 0
+        self.num_packed_matmuls = pack_model(model) if can_pack(self.dtype, self.device) else 0
         self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device, self.row_multiple)
 
     def padded(self, num_rows: int) -> int:
@@ -105,31 +104,3 @@ def order_rows(scheduled: list[ScheduledSequence]) -> list[ScheduledSequence]:
     """Single-token chunks first (batched attention), then the longer chunks, each in order."""
     return [s for s in scheduled if s.num_tokens == 1] + [s for s in scheduled if s.num_tokens > 1]
 
-
-class PackedLinear(nn.Module):
-    """A bias-free bf16 nn.Linear run by oneDNN on a weight packed once into its blocked layout."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # An opaque MKLDNN tensor: a plain attribute, not a parameter (nothing trains or saves it).
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
-
-
-def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Replace every bias-free bf16 nn.Linear (quantized layers are not nn.Linear) -> how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16:
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
