@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.decoder import DenseKVCache
 from model.generate import GenerationSettings, generate
 from server.engine import Engine, EngineConfig
 from server.engine.cpu_fast import can_pack, pack_model
@@ -301,3 +302,9 @@ def test_packed_fused_model_gives_the_same_bits_as_the_plain_one(tiny_model_dir)
     with torch.inference_mode():
         for rows in (1, 5, 37):
             assert torch.equal(packed(tokens[:, :rows]), plain(tokens[:, :rows]))
+        # With a KV cache (the path the engine takes): a prompt, then single-token steps.
+        caches = [DenseKVCache(m.config, 1, 64, dtype=torch.bfloat16) for m in (plain, packed)]
+        for start, end in ((0, 30), (30, 31), (31, 32)):
+            positions = torch.arange(start, end)[None]
+            logits = [m(tokens[:, start:end], positions, c) for m, c in zip((plain, packed), caches)]
+            assert torch.equal(logits[0], logits[1])

@@ -63,14 +63,16 @@ class FusedAttention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor,
                 cache: KVCache | None, layer: int) -> Tensor:
         batch, seq_len, _ = x.shape
-        q, k, v = self.qkv(x).split(self.widths, dim=-1)
-        # [B, T, H*hd] -> [B, H, T, hd]
-        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads, kv_heads = self.n_heads, self.n_kv_heads
+        # [B, T, (H + 2 KV) * hd] -> [B, T, H + 2 KV, hd]; rotate q and k heads in one go
+        qkv = self.qkv(x).view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
+        cos, sin = (t.transpose(1, 2) for t in rope)  # [B, 1, T, hd] -> [B, T, 1, hd]
+        qk = apply_rope(qkv[:, :, :heads + kv_heads], cos, sin)
+        # [B, T, heads, hd] -> [B, heads, T, hd] (views)
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+        v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
         else:
             out = cache.attend(layer, q, k, v, positions)
         # [B, H, T, hd] -> [B, T, H*hd]

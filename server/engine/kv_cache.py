@@ -348,18 +348,24 @@ class PagedKVCache:
         return AttentionSegment(first_row, num_rows, len(chunks), torch.tensor(table, device=device), ~mask)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """q: [1, H, N, hd]; k, v: [1, KV, N, hd] -> [1, H, N, hd]. Rows follow `self.metadata`."""
+        """q: [1, H, N, hd]; k, v: [1, KV, N, hd] -> [1, H, N, hd]. Rows follow `self.metadata`.
+
+        The result is a transposed view of a [N, H, hd] tensor, so the model's
+        [1, H, N, hd] -> [1, N, H*hd] reshape before the output projection is free.
+        """
         meta = self.metadata
-        self.keys[layer].index_copy_(1, meta.slot_mapping, k[0].to(self.keys.dtype))
-        self.values[layer].index_copy_(1, meta.slot_mapping, v[0].to(self.values.dtype))
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(1, meta.slot_mapping, k[0] if k.dtype == keys.dtype else k[0].to(keys.dtype))
+        values.index_copy_(1, meta.slot_mapping, v[0] if v.dtype == values.dtype else v[0].to(values.dtype))
         outputs = [self._attend_segment(layer, q[0], segment) for segment in meta.segments]
         num_real_rows = sum(s.num_rows * s.num_seqs for s in meta.segments)
         if num_real_rows < meta.num_rows:
-            outputs.append(q.new_zeros(q.shape[1], meta.num_rows - num_real_rows, q.shape[3]))
-        return torch.cat(outputs, dim=1)[None]
+            outputs.append(q.new_zeros(meta.num_rows - num_real_rows, q.shape[1], q.shape[3]))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H, hd]
+        return out[None].transpose(1, 2)
 
     def _attend_segment(self, layer: int, q: Tensor, segment: AttentionSegment) -> Tensor:
-        """q: [H, N, hd] (all rows) -> [H, rows of the segment, hd]."""
+        """q: [H, N, hd] (all rows) -> [rows of the segment, H, hd]."""
         kv_heads, group, head_dim = self.n_kv_heads, self.group_size, self.head_dim
         seqs, rows = segment.num_seqs, segment.num_rows
         q = q[:, segment.first_row:segment.first_row + seqs * rows]
@@ -375,8 +381,9 @@ class PagedKVCache:
         scores = scores.masked_fill(segment.hidden_keys, float("-inf"))  # [seqs, 1 or M, L] broadcasts
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)[:, :, :num_query_rows]  # [KV, seqs, group*rows, hd]
-        # [KV, seqs, group*rows, hd] -> [H, seqs*rows, hd]
-        return out.reshape(kv_heads, seqs, group, rows, head_dim).transpose(1, 2).reshape(kv_heads * group, seqs * rows, head_dim)
+        # [KV, seqs, group*rows, hd] -> [seqs, rows, KV, group, hd] -> [seqs*rows, H, hd]
+        out = out.view(kv_heads, seqs, group, rows, head_dim).permute(1, 3, 0, 2, 4)
+        return out.reshape(seqs * rows, kv_heads * group, head_dim)
 
     def padded_query_rows(self, rows_per_seq: int) -> int:
         """Query rows per (KV head, sequence) in the attention matmuls, padding included."""
