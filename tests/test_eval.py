@@ -102,3 +102,13 @@ def test_eval_bad_input_is_one_line_error(capsys, tmp_path, tiny_model_dir):
     bad.write_text(CHATS.read_text().splitlines()[0] + "\n{oops\n")
     assert main(["eval", str(tiny_model_dir), "--data", str(bad), "--strict"]) == 1
     assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_eval_on_quantized_checkpoint(capsys, tmp_path, tiny_model_dir):
+    from model.quant import quantize_checkpoint
+
+    quantize_checkpoint(tiny_model_dir, tmp_path / "int8", "int8")
+    exact = run_eval(capsys, tiny_model_dir, "--data", CHATS, "--limit", 30)
+    quantized = run_eval(capsys, tmp_path / "int8", "--data", CHATS, "--limit", 30, "--bf16")
+    assert quantized["assistant_tokens"] == exact["assistant_tokens"]
+    assert quantized["assistant_loss"] == pytest.approx(exact["assistant_loss"], rel=2e-2)
