@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Rebuild weights/default from the offline corpus with Hearth's own commands:
+# pretrain on the WordNet dictionary + Shakespeare, fine-tune on the word chats,
+# quantize to int8, then measure what the model card reports.
+#
+#   scripts/train-default-model.sh ../shared/corpus            # the recipe used for weights/default
+#   PRETRAIN_TOKENS=3e7 SFT_STEPS=3000 scripts/train-default-model.sh DATA   # a bigger budget (GPU)
+#
+# Intermediate checkpoints go to runs/ (git-ignored); the result replaces
+# weights/default atomically. Every step can be resumed with --resume.
+set -euo pipefail
+DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR [OUT_DIR]}
+OUT=${2:-weights/default}
+RUNS=${RUNS:-runs}
+PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-1.5e6}
+SFT_STEPS=${SFT_STEPS:-150}
+DEVICE=${DEVICE:-auto}
+HEARTH=${HEARTH:-python -m trainer}
+for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
+  [ -f "$DATA/$file" ] || { echo "error: $DATA/$file not found (expected the offline corpus folder)" >&2; exit 1; }
+done
+mkdir -p "$RUNS"
+
+$HEARTH pretrain --preset mini --vocab-size 8192 --seq-len 256 \
+  --data "$DATA/wordnet-dictionary.txt.gz" "$DATA/shakespeare.txt.gz" \
+  --batch-tokens 8192 --tokens "$PRETRAIN_TOKENS" --lr 2e-3 --warmup 10 \
+  --eval-every 40 --save-every 20 --device "$DEVICE" \
+  --out "$RUNS/default-base" --cache-dir "$RUNS/cache" --log-file "$RUNS/default-base.jsonl" --overwrite
+
+$HEARTH sft --base "$RUNS/default-base" \
+  --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
+  --seq-len 256 --batch-tokens 8192 --max-steps "$SFT_STEPS" --lr 1e-3 \
+  --eval-every 50 --save-every 25 --device "$DEVICE" \
+  --out "$RUNS/default-sft" --log-file "$RUNS/default-sft.jsonl" --overwrite
+
+$HEARTH quantize "$RUNS/default-sft" --method int8 --out "$OUT"
+
+# Figures for the model card.
+$HEARTH eval "$RUNS/default-base" --data "$DATA/shakespeare.txt.gz" "$DATA/wordnet-dictionary.txt.gz" --max-tokens 200000 | tee "$RUNS/eval-base-text.json"
+$HEARTH eval "$RUNS/default-sft" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-sft-valid.json"
+$HEARTH eval "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-int8-valid.json"
+python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 | tee "$RUNS/f1-valid.json"
+python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-train.jsonl.gz" --limit 200 | tee "$RUNS/f1-train.json"
