@@ -121,6 +121,11 @@ class _RequestState:
     finished_choices: set[int] = field(default_factory=set)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 def make_detokenizer(tokenizer: Tokenizer, stop: list[str], prompt_ids: list[int]) -> Any:
     from server.engine.detokenize import IncrementalDetokenizer
 
@@ -357,13 +362,15 @@ class Engine:
             deltas.setdefault(state.request.request_id, []).append(self._delta(state, event, sample))
             if state.first_token_time is None:
                 state.first_token_time = now
+        outputs = []
         for request_id, request_deltas in deltas.items():
             state = self._requests[request_id]
             finished = len(state.finished_choices) == state.request.params.n
             usage = self._usage(state, now) if finished else None
             if finished:  # before delivering: the caller may reuse the id as soon as it has this
                 self._forget(request_id)
-            self._deliver(state, RequestOutput(request_id, request_deltas, usage, finished))
+            outputs.append((state, RequestOutput(request_id, request_deltas, usage, finished)))
+        self._deliver_all(outputs)
 
     def _delta(self, state: _RequestState, event: TokenEvent, sample: SampleResult) -> CompletionDelta:
         seq, choice = event.seq, event.seq.choice_index
@@ -400,10 +407,19 @@ class Engine:
         )
 
     def _deliver(self, state: _RequestState, item: RequestOutput | BaseException) -> None:
-        try:
-            state.loop.call_soon_threadsafe(state.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        self._deliver_all([(state, item)])
+
+    @staticmethod
+    def _deliver_all(outputs: list[tuple[_RequestState, RequestOutput | BaseException]]) -> None:
+        """One wake-up per event loop per step, not one per request (each is a syscall)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for state, item in outputs:
+            by_loop.setdefault(state.loop, []).append((state.queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
 
     def _drop(self, request_id: str) -> None:
         """Abort: free the request's blocks now; nothing more is delivered."""
