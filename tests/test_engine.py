@@ -308,3 +308,17 @@ def test_packed_fused_model_gives_the_same_bits_as_the_plain_one(tiny_model_dir)
             positions = torch.arange(start, end)[None]
             logits = [m(tokens[:, start:end], positions, c) for m, c in zip((plain, packed), caches)]
             assert torch.equal(logits[0], logits[1])
+
+
+def test_int8_checkpoint_runs_and_stays_batch_invariant(tiny_model_dir, tokenizer, tmp_path):
+    from model.quant import quantize_checkpoint
+
+    quantized = quantize_checkpoint(tiny_model_dir, tmp_path / "int8", "int8").out
+    engine = make_engine(quantized, dtype="bfloat16", enable_prefix_caching=False)
+    try:
+        target, *others = prompts(tokenizer, 5)[::-1]
+        alone = asyncio.run(collect(engine, "alone", target, GREEDY))
+        crowded = asyncio.run(collect_all(engine, [(p, GREEDY) for p in others] + [(target, GREEDY)]))
+        assert len(alone.tokens) > 0 and crowded[-1].choices[0] == alone.choices[0]
+    finally:
+        engine.shutdown()
