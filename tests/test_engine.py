@@ -322,3 +322,20 @@ def test_int8_checkpoint_runs_and_stays_batch_invariant(tiny_model_dir, tokenize
         assert len(alone.tokens) > 0 and crowded[-1].choices[0] == alone.choices[0]
     finally:
         engine.shutdown()
+
+
+def test_stale_garbage_in_freed_blocks_never_leaks_into_a_new_request(tiny_model_dir, model, tokenizer):
+    """A masked key still multiplies its value by 0: blocks are zeroed when handed out, so NaN
+    left behind by an earlier request (a numerical blow-up) cannot poison the next one."""
+    engine = make_engine(tiny_model_dir)
+    try:
+        block = engine.config.block_size
+        for cache in (engine.worker.cache.keys, engine.worker.cache.values):
+            cache[:, :, block:] = float("nan")  # everything but the null block
+        prompt = prompts(tokenizer, 3)[2]
+        result = asyncio.run(collect(engine, "clean", prompt, GREEDY))
+        settings = GenerationSettings(max_tokens=24, temperature=0, stop_ids=tuple(tokenizer.stop_ids))
+        assert result.tokens == list(generate(model, prompt, settings))
+        assert all(lp == lp for lp in result.choices[0].logprobs)  # no NaN
+    finally:
+        engine.shutdown()

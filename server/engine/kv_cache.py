@@ -146,6 +146,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.seq_blocks: dict[int, list[KVBlock]] = {}  # seq id -> its block table, in order
         self.num_registered: dict[int, int] = {}  # seq id -> leading blocks already registered
+        self.fresh_block_ids: list[int] = []  # handed out since the last take_fresh_blocks(): to zero
 
     @property
     def num_usable_blocks(self) -> int:
@@ -189,7 +190,9 @@ class KVCacheManager:
         self.pool.touch(cached_prefix)
         blocks.extend(cached_prefix)
         if num_new > 0:
-            blocks.extend(self.pool.allocate(num_new))
+            fresh = self.pool.allocate(num_new)
+            self.fresh_block_ids += [block.block_id for block in fresh]
+            blocks.extend(fresh)
         return True
 
     def register_full_blocks(self, seq_id: int, block_hashes: Sequence[bytes], num_computed_tokens: int) -> None:
@@ -223,6 +226,11 @@ class KVCacheManager:
         self.seq_blocks[child_id] = child_blocks
         self.num_registered[child_id] = min(self.num_registered[parent_id], num_full)
         return copy
+
+    def take_fresh_blocks(self) -> list[int]:
+        """Blocks handed out (not revived from the prefix cache) since the last call."""
+        fresh, self.fresh_block_ids = self.fresh_block_ids, []
+        return fresh
 
     def free(self, seq_id: int) -> None:
         blocks = self.seq_blocks.pop(seq_id, None)
@@ -276,14 +284,25 @@ class PagedKVCache:
         self.group_size = config.n_heads // config.n_kv_heads  # query heads per KV head
         self.scale = 1.0 / math.sqrt(config.head_dim)
         shape = (config.n_layers, config.n_kv_heads, num_blocks * block_size, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Not zeroed up front (no page is touched until used): blocks are zeroed when handed out.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.zero_blocks([NULL_BLOCK_ID])
         self.metadata: AttentionMetadata | None = None  # set by the worker before each forward
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element_size = torch.empty(0, dtype=dtype).element_size()
         return 2 * config.n_layers * config.n_kv_heads * block_size * config.head_dim * element_size
+
+    def zero_blocks(self, block_ids: Sequence[int]) -> None:
+        """Zero whole blocks (all layers). A masked key still multiplies its value by 0, so
+        whatever a block held before (a failed request's NaN) must not leak into the next user."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, device=self.keys.device)
+        for cache in (self.keys, self.values):
+            cache.view(*cache.shape[:2], self.num_blocks, -1).index_fill_(2, index, 0)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V): src -> dst."""

@@ -102,10 +102,11 @@ class SchedulerOutput:
     total_num_tokens: int  # sum of num_tokens: rows of the step's flattened batch (before padding)
     blocks_to_copy: list[tuple[int, int]]  # (src, dst) whole-block copies to make before the forward (forks)
     preempted: list[Sequence]  # preempted this step: blocks freed, they will recompute
+    blocks_to_zero: list[int] = field(default_factory=list)  # newly handed-out blocks: zeroed first, then the copies
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled and not self.blocks_to_copy
+        return not self.scheduled and not self.blocks_to_copy and not self.blocks_to_zero
 
 
 @dataclass
@@ -194,7 +195,8 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         copies, self.pending_copies = self.pending_copies, []
-        return SchedulerOutput(scheduled, sum(s.num_tokens for s in scheduled), copies, preempted)
+        return SchedulerOutput(scheduled, sum(s.num_tokens for s in scheduled), copies, preempted,
+                               self.kv.take_fresh_blocks())
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, scheduled: list[ScheduledSequence],
                              preempted: list[Sequence]) -> bool:

@@ -50,6 +50,7 @@ class ModelWorker:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> SampleResults:
+        self.cache.zero_blocks(output.blocks_to_zero)
         self.cache.copy_blocks(output.blocks_to_copy)
         if not output.scheduled:
             return {}
