@@ -252,3 +252,15 @@ def test_lora_resume_is_exact(tmp_path, tiny_model_dir):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     # Resuming with other data is refused.
     assert hearth("sft", "--base", tiny_model_dir, "--out", resumed, *lora, "--resume", "--seq-len", 64) == 1
+
+
+def test_fused_training_model_matches_reference(tokenizer):
+    from trainer.sft import fused_training_model
+
+    reference = make_tiny_model(tokenizer)
+    fused = fused_training_model(reference)
+    assert fused.lm_head.weight is fused.embed.weight
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(fused.parameters(), reference.parameters()))
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), reference(tokens), rtol=1e-5, atol=1e-5)

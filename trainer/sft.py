@@ -317,11 +317,12 @@ def prepare_full_model(options: SFTOptions, base):
     from model.checkpoint import load_checkpoint, save_checkpoint
     from trainer.lora import is_adapter_folder
 
-    model = base.model
+    source = base.model
     if options.resume:
         if is_adapter_folder(options.out):
             raise HearthError(f"--resume: {options.out} holds a LoRA adapter; pass the same --lora-rank to resume it")
-        model = load_checkpoint(options.out, dtype=torch.float32).model
+        source = load_checkpoint(options.out, dtype=torch.float32).model
+    model = fused_training_model(source)
     card = model_card(options.base, options.data)
 
     def save_full(folder: Path, extra_files: dict, info: dict) -> None:
@@ -329,6 +330,24 @@ def prepare_full_model(options: SFTOptions, base):
                         extra_files=extra_files, model_card=card)
 
     return model, None, save_full, None
+
+
+def fused_training_model(source):
+    """The same weights (shared, not copied) in the trainer's fused-forward decoder (~15% faster on CPU).
+
+    Full fine-tuning only: the fused forward reads q/k/v and gate/up weights
+    directly, which would bypass LoRA's wrapped layers.
+    """
+    from model.decoder import rope_inverse_frequencies
+    from trainer.fast_model import TrainingTransformer
+
+    with torch.device("meta"):
+        model = TrainingTransformer(source.config)
+    model.load_state_dict(source.state_dict(), assign=True)
+    if source.config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inverse_frequencies(source.config)
+    return model
 
 
 def prepare_lora_model(options: SFTOptions, base):
