@@ -37,6 +37,7 @@ from model.tokenizer import Tokenizer  # noqa: E402
 from trainer.chat_data import PackedChatBatches, read_chats  # noqa: E402
 from trainer.loop import TrainConfig, train  # noqa: E402
 from trainer.lora import LoRAConfig, apply_lora, lora_modules  # noqa: E402
+from trainer.sft import fused_training_model  # noqa: E402
 
 VARIANTS = {  # name: (seq_len, LoRA rank or None, dtype)
     "full, rows of 256, bf16": (256, None, "bfloat16"),
@@ -82,6 +83,8 @@ def run_variant(base: Path, chats, seq_len: int, rank: int | None, dtype: str, a
     if rank is not None:
         apply_lora(model, LoRAConfig(rank, 2.0 * rank))
         trainable = [f"{n}.{p}" for n in lora_modules(model) for p in ("lora_a", "lora_b")]
+    else:
+        model = fused_training_model(model)  # as `hearth sft` does for full fine-tuning
     batch_size = 8192 // seq_len
     source = TimedBatches(PackedChatBatches(chats, seq_len, checkpoint.tokenizer.pad_id or 0))
     config = TrainConfig(max_steps=args.warmup_steps + args.steps + 1, batch_size=batch_size,
