@@ -159,7 +159,9 @@ def evaluate(checkpoint, data: Sequence[str | Path], device: str = "cpu", bf16: 
              strict: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, Any]:
     """The `hearth eval` result for one checkpoint (see module docstring)."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    seq_len = min(seq_len or checkpoint.config.max_seq_len, checkpoint.config.max_seq_len)
+    if seq_len is not None and seq_len > checkpoint.config.max_seq_len:
+        raise HearthError(f"--seq-len {seq_len} is longer than the model's context ({checkpoint.config.max_seq_len})")
+    seq_len = seq_len or checkpoint.config.max_seq_len
     reader = chat_reader(data, strict, dedupe=False)
     documents = reader.documents()
     first = next(documents, None)
