@@ -51,6 +51,7 @@ NULL_BLOCK_ID = 0  # reserved: padding rows write here, padded block tables poin
 # than 400 multiply-adds per matrix through a separate naive kernel, whose rounding differs.
 MIN_ATTENTION_KEYS = 16
 MAX_QUERY_ROWS = 256  # a prefill chunk's attention runs in slices of this many rows
+MAX_GROUP_ROWS = 1024  # padded query rows of one batched prefill call (bounds its score memory)
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -247,11 +248,18 @@ class KVCacheManager:
 
 @dataclass
 class AttentionSegment:
-    """Consecutive rows of the flattened batch that attend over one key range each."""
+    """Sequences whose query rows attend in one batched call, each over its own keys.
 
-    first_row: int  # first row in the flattened batch
-    num_rows: int  # rows of each sequence in the segment (1 for decodes)
-    num_seqs: int  # sequences batched in this call (decodes: many; a prefill chunk: 1)
+    Rows of a segment are laid out [num_seqs, rows_per_seq]. Single-token decodes and a
+    lone prefill chunk are consecutive rows of the batch (sliced, `query_index` None);
+    grouped prefill chunks of different lengths are gathered and padded to the longest.
+    """
+
+    num_seqs: int  # sequences in the call
+    rows_per_seq: int  # query rows per sequence, padding included (1 for decodes)
+    first_row: int  # consecutive segments: first row in the flattened batch
+    query_index: Tensor | None  # [num_seqs * rows_per_seq] long: batch row of each query (padding repeats a row)
+    output_index: Tensor | None  # [num_seqs * rows_per_seq] long: where each output row goes (padding -> scratch row)
     block_table: Tensor  # [num_seqs * max_blocks] long, padded with the null block
     hidden_keys: Tensor  # [num_seqs, 1 (decodes) or padded query rows, max_blocks * block_size] bool: True = masked
 
@@ -261,8 +269,9 @@ class AttentionMetadata:
     """Everything `attend` needs for one step, built once per step (not per layer)."""
 
     slot_mapping: Tensor  # [num_rows] long: cache slot each row's new k/v goes to (padding -> null block)
-    segments: list[AttentionSegment]  # cover rows [0, num_real_rows) in order
+    segments: list[AttentionSegment]  # together they cover every real row once
     num_rows: int  # rows of the flattened batch, padding included
+    num_real_rows: int  # rows that belong to a sequence (the rest is padding at the end)
 
 
 @dataclass
@@ -318,53 +327,62 @@ class PagedKVCache:
         return (torch.tensor(block_ids, device=self.keys.device)[:, None] * self.block_size + offsets).flatten()
 
     def build_metadata(self, chunks: Sequence[SequenceChunk], num_rows: int) -> AttentionMetadata:
-        """Row layout: chunks in order; single-row chunks first (they are batched), padding last."""
-        device = self.keys.device
+        """Row layout: chunks in order, single-row chunks first (they are batched), padding last."""
         slots = [NULL_BLOCK_ID * self.block_size] * num_rows
-        row = 0
+        first_rows, row = [], 0
         for chunk in chunks:
             for offset in range(chunk.num_rows):
                 position = chunk.start_position + offset
                 slots[row + offset] = chunk.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+            first_rows.append(row)
             row += chunk.num_rows
         num_decodes = 0
         while num_decodes < len(chunks) and chunks[num_decodes].num_rows == 1:
             num_decodes += 1
-        segments = []
-        if num_decodes:
-            segments.append(self._segment(chunks[:num_decodes], 0))
-        row = num_decodes
-        for chunk in chunks[num_decodes:]:
-            if chunk.num_rows == 1:
-                raise ValueError("single-row chunks must come first in the batch")
-            # Long chunks attend in slices of query rows: bounded score memory, and each
-            # slice reads only the keys up to its own last row.
-            for offset in range(0, chunk.num_rows, MAX_QUERY_ROWS):
-                rows = min(MAX_QUERY_ROWS, chunk.num_rows - offset)
-                piece = SequenceChunk(chunk.start_position + offset, rows, chunk.block_ids)
-                segments.append(self._segment([piece], row + offset))
-            row += chunk.num_rows
-        return AttentionMetadata(torch.tensor(slots, device=device), segments, num_rows)
+        if any(chunk.num_rows == 1 for chunk in chunks[num_decodes:]):
+            raise ValueError("single-row chunks must come first in the batch")
+        scratch_row = num_rows  # attend() keeps one extra output row for padding queries to land in
+        segments = [self._segment(chunks[:num_decodes], first_rows[:num_decodes], scratch_row)] if num_decodes else []
+        # Long chunks attend in slices of query rows (bounded score memory; each slice reads
+        # only the keys up to its own last row), then similar lengths are grouped.
+        pieces = [(SequenceChunk(c.start_position + offset, min(MAX_QUERY_ROWS, c.num_rows - offset), c.block_ids), first + offset)
+                  for c, first in zip(chunks[num_decodes:], first_rows[num_decodes:])
+                  for offset in range(0, c.num_rows, MAX_QUERY_ROWS)]
+        for group in group_by_length(pieces):
+            segments.append(self._segment([c for c, _ in group], [first for _, first in group], scratch_row))
+        return AttentionMetadata(torch.tensor(slots, device=self.keys.device), segments, num_rows, row)
 
-    def _segment(self, chunks: Sequence[SequenceChunk], first_row: int) -> AttentionSegment:
+    def _segment(self, chunks: Sequence[SequenceChunk], first_rows: Sequence[int], scratch_row: int) -> AttentionSegment:
         device = self.keys.device
-        num_rows = chunks[0].num_rows
+        rows = max(c.num_rows for c in chunks)
+        consecutive = all(c.num_rows == rows and first == first_rows[0] + i * rows
+                          for i, (c, first) in enumerate(zip(chunks, first_rows)))
+        query_index = output_index = None
+        if not consecutive:
+            queries, outputs = [], []
+            for chunk, first in zip(chunks, first_rows):
+                real = list(range(first, first + chunk.num_rows))
+                queries += real + [first] * (rows - chunk.num_rows)
+                outputs += real + [scratch_row] * (rows - chunk.num_rows)
+            query_index, output_index = torch.tensor(queries, device=device), torch.tensor(outputs, device=device)
         context_blocks = [-(-(c.start_position + c.num_rows) // self.block_size) for c in chunks]
         max_blocks = max(*context_blocks, -(-MIN_ATTENTION_KEYS // self.block_size))
         table = []
         for chunk, used in zip(chunks, context_blocks):
             table += chunk.block_ids[:used] + [NULL_BLOCK_ID] * (max_blocks - used)
         key_positions = torch.arange(max_blocks * self.block_size, device=device)
-        starts = torch.tensor([c.start_position for c in chunks], device=device)
-        # query_positions[s, r] = start of seq s + r; key j visible when j <= it (causal).
-        query_positions = starts[:, None] + torch.arange(num_rows, device=device)
+        # query_positions[s, r]: position of row r of seq s (padding rows repeat its last row);
+        # key j is visible when j <= it (causal).
+        offsets = torch.arange(rows, device=device)
+        query_positions = torch.stack([c.start_position + offsets.clamp(max=c.num_rows - 1) for c in chunks])
         mask = key_positions[None, None, :] <= query_positions[:, :, None]  # [seqs, rows, keys]
-        if num_rows > 1:
+        if rows > 1:
             # A KV head's query rows are (query head in its group, row): one mask row each,
             # then padding rows (any visible key will do; their output is dropped).
             mask = mask.repeat(1, self.group_size, 1)
-            mask = torch.cat([mask, mask[:, :1].expand(-1, self.padded_query_rows(num_rows) - mask.shape[1], -1)], dim=1)
-        return AttentionSegment(first_row, num_rows, len(chunks), torch.tensor(table, device=device), ~mask)
+            mask = torch.cat([mask, mask[:, :1].expand(-1, self.padded_query_rows(rows) - mask.shape[1], -1)], dim=1)
+        return AttentionSegment(len(chunks), rows, first_rows[0], query_index, output_index,
+                                torch.tensor(table, device=device), ~mask)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] -> [1, H, N, hd]. Rows follow `self.metadata`.
@@ -376,18 +394,26 @@ class PagedKVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(1, meta.slot_mapping, k[0] if k.dtype == keys.dtype else k[0].to(keys.dtype))
         values.index_copy_(1, meta.slot_mapping, v[0] if v.dtype == values.dtype else v[0].to(values.dtype))
-        outputs = [self._attend_segment(layer, q[0], segment) for segment in meta.segments]
-        num_real_rows = sum(s.num_rows * s.num_seqs for s in meta.segments)
-        if num_real_rows < meta.num_rows:
-            outputs.append(q.new_zeros(meta.num_rows - num_real_rows, q.shape[1], q.shape[3]))
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, H, hd]
-        return out[None].transpose(1, 2)
+        segments = meta.segments
+        if len(segments) == 1 and segments[0].query_index is None and meta.num_real_rows == meta.num_rows:
+            return self._attend_segment(layer, q[0], segments[0])[None].transpose(1, 2)  # all decodes, no padding
+        out = q.new_zeros(meta.num_rows + 1, q.shape[1], q.shape[3])  # [N + scratch row, H, hd]
+        for segment in segments:
+            segment_out = self._attend_segment(layer, q[0], segment)  # [seqs * rows, H, hd]
+            if segment.output_index is None:
+                out[segment.first_row:segment.first_row + segment_out.shape[0]] = segment_out
+            else:
+                out.index_copy_(0, segment.output_index, segment_out)
+        return out[:meta.num_rows][None].transpose(1, 2)
 
     def _attend_segment(self, layer: int, q: Tensor, segment: AttentionSegment) -> Tensor:
-        """q: [H, N, hd] (all rows) -> [rows of the segment, H, hd]."""
+        """q: [H, N, hd] (all rows) -> [seqs * rows of the segment, H, hd]."""
         kv_heads, group, head_dim = self.n_kv_heads, self.group_size, self.head_dim
-        seqs, rows = segment.num_seqs, segment.num_rows
-        q = q[:, segment.first_row:segment.first_row + seqs * rows]
+        seqs, rows = segment.num_seqs, segment.rows_per_seq
+        if segment.query_index is None:
+            q = q[:, segment.first_row:segment.first_row + seqs * rows]
+        else:
+            q = q.index_select(1, segment.query_index)
         # [H, seqs*rows, hd] -> [KV, seqs, group*rows, hd]: a KV head's query heads share its keys
         q = q.reshape(kv_heads, group, seqs, rows, head_dim).transpose(1, 2).reshape(kv_heads, seqs, group * rows, head_dim)
         num_query_rows = group * rows
@@ -412,6 +438,25 @@ class PagedKVCache:
         """cache: [KV, slots, hd] -> the table's blocks as [KV, seqs, blocks_per_seq * block_size, hd]."""
         by_block = cache.view(self.n_kv_heads, self.num_blocks, self.block_size * self.head_dim)
         return by_block.index_select(1, block_table).view(self.n_kv_heads, seqs, -1, self.head_dim)
+
+
+def group_by_length(pieces: list[tuple[SequenceChunk, int]]) -> list[list[tuple[SequenceChunk, int]]]:
+    """Group prefill chunks for batched attention: longest first, a group grows while padding
+    every member to its longest keeps the padded rows within 25% (+ 8) of the real ones, and
+    under MAX_GROUP_ROWS rows."""
+    groups: list[list[tuple[SequenceChunk, int]]] = []
+    real_rows = 0
+    for piece in sorted(pieces, key=lambda p: -p[0].num_rows):
+        if groups:
+            longest = groups[-1][0][0].num_rows
+            padded = longest * (len(groups[-1]) + 1)
+            if padded <= 1.25 * (real_rows + piece[0].num_rows) + 8 and padded <= MAX_GROUP_ROWS:
+                groups[-1].append(piece)
+                real_rows += piece[0].num_rows
+                continue
+        groups.append([piece])
+        real_rows = piece[0].num_rows
+    return groups
 
 
 def reference_attention(q: Tensor, keys: Tensor, values: Tensor, query_positions: Tensor) -> Tensor:
