@@ -171,3 +171,10 @@ def test_copy_blocks_copies_every_layer():
     cache.copy_blocks([(3, 9)])
     assert torch.equal(cache.keys[:, :, 36:40], cache.keys[:, :, 12:16])
     assert torch.equal(cache.values[:, :, 36:40], cache.values[:, :, 12:16])
+
+
+def test_prefill_chunks_are_grouped_by_similar_length():
+    pieces = [(SequenceChunk(0, rows, [1]), index) for index, rows in enumerate([20, 21, 19, 200, 22, 3, 3])]
+    groups = kv_cache.group_by_length(pieces)
+    # Padding every member to the longest stays within 25% (+ 8 rows) of the real rows.
+    assert [[chunk.num_rows for chunk, _ in group] for group in groups] == [[200], [22, 21, 20, 19, 3], [3]]
