@@ -4,8 +4,9 @@
 
 For each preset, the same shape (layers, width, heads), sequence length,
 batch and vocabulary go through:
-- Hearth's `trainer.loop.train` (the code `hearth pretrain` runs), fp32 and
-  bf16 autocast, on random tokens (throughput does not depend on the text);
+- Hearth's `trainer.loop.train` with the model `hearth pretrain` trains, fp32,
+  bf16 autocast, and bf16 with torch.compile, on random tokens (throughput
+  does not depend on the text);
 - nanoGPT's own `train.py` (a checkout kept outside this repo), fp32 with
   compile off and dropout 0 (nanoGPT runs CPU training in fp32 only), on the
   same random tokens written in its data format.
@@ -35,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import ModelConfig  # noqa: E402
-from model.decoder import Transformer  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from trainer.fast_model import TrainingTransformer  # noqa: E402
 from trainer.loop import TrainConfig, train  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 
@@ -59,11 +60,13 @@ class RandomTokens:
         pass
 
 
-def hearth_tokens_per_s(config: ModelConfig, args, dtype: str) -> float:
-    model = Transformer(config).init_weights(0)
+def hearth_tokens_per_s(config: ModelConfig, args, variant: str) -> float:
+    """variant: "float32", "bfloat16", optionally with "+compile"."""
+    dtype, _, extra = variant.partition("+")
+    model = TrainingTransformer(config).init_weights(0)  # what `hearth pretrain` trains
     train_config = TrainConfig(max_steps=args.warmup_steps + args.steps, batch_size=args.batch,
                                micro_batch_size=args.micro_batch or args.batch, lr=1e-4, dtype=dtype,
-                               progress=False, log_every=1, compile=args.compile)
+                               progress=False, log_every=1, compile=extra == "compile")
     tokenizer = Tokenizer.train(iter(["a b c"]), vocab_size=300)  # unused: nothing is saved but the metrics
     with tempfile.TemporaryDirectory() as out:
         def save_metrics_only(folder: Path, extra_files: dict, info: dict) -> None:
@@ -119,8 +122,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile Hearth's model")
+    parser.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "bfloat16+compile"],
+                        help="Hearth runs: compute dtype, +compile for torch.compile")
     parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (outside this repo) to compare with")
     args = parser.parse_args()
 
@@ -131,10 +134,10 @@ def main() -> None:
         config = ModelConfig.from_preset(preset, vocab_size=args.vocab_size)
         flops = config.flops_per_token(args.seq_len)
         params = config.num_params() / 1e6
-        for dtype in args.dtypes:
-            rate = hearth_tokens_per_s(config, args, dtype)
-            peak = peak_flops("cpu", torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-            rows.append((preset, f"{params:.1f}M", f"Hearth {dtype}", rate, rate * flops / peak))
+        for variant in args.variants:
+            rate = hearth_tokens_per_s(config, args, variant)
+            peak = peak_flops("cpu", torch.bfloat16 if variant.startswith("bfloat16") else torch.float32)
+            rows.append((preset, f"{params:.1f}M", f"Hearth {variant}", rate, rate * flops / peak))
             print(rows[-1], flush=True)
         if args.nanogpt:
             rate = nanogpt_tokens_per_s(args.nanogpt, config, args)

@@ -268,7 +268,7 @@ class _Runner:
                                          device_type=torch.device(self.device).type)
         self.schedule = Schedule(config.lr, config.floor_lr, config.warmup_steps, config.max_steps)
         self.state = _RunState()
-        self.metrics = MetricsLog(live_file=Path(config.log_file) if config.log_file and context.is_main else None)
+        self.metrics = MetricsLog(live_file=_open_log_file(config.log_file) if context.is_main else None)
         self.val_start = val_data.state_dict() if val_data is not None else None
         self.flops_per_token: float | None = None
         self.peak: float | None = None
@@ -536,6 +536,19 @@ def model_card(name: str, info: dict[str, Any]) -> str:
     if sources:
         card += "\n## Data\n\n" + "".join(f"- `{s}`\n" for s in sources)
     return card
+
+
+def _open_log_file(log_file: str | None) -> Path | None:
+    """The live metrics file, its folder created; a clear error when it cannot be written."""
+    if not log_file:
+        return None
+    path = Path(log_file)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise TrainingError(f"--log-file {path}: cannot write ({exc.strerror})") from None
+    return path
 
 
 def _jsonish(value: Any) -> Any:
