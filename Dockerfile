@@ -46,6 +46,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin hearth \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=hearth:hearth /stage/weights /app/weights
 COPY docker/entrypoint.sh /usr/local/bin/hearth-entrypoint
+COPY docker/train.sh /usr/local/bin/hearth-train
 WORKDIR /app
 # Inside a container the server must listen on every interface to be reachable through the port
 # map; outside Docker the default stays 127.0.0.1.

@@ -2,18 +2,22 @@
 # Container entrypoint: `hearth "$@"`, optionally waiting for the served checkpoints first.
 #
 # With HEARTH_WAIT_FOR_WEIGHTS=SECONDS, `serve` waits (up to that long) until every folder in
-# HEARTH_MODELS has a config.json, which is how the compose `trainer` service hands its result to
-# the server: checkpoints are renamed into place whole, so config.json appearing means the save
-# finished. Without it, a missing checkpoint is the server's own one-line error.
+# HEARTH_MODELS has a config.json and no trainer is still writing it (docker/train.sh keeps a
+# `.NAME.training` marker beside the folder while it runs). That is how the compose `trainer`
+# service hands its result to the server: checkpoints are renamed into place whole, so the folder
+# is complete once config.json is there. Without it, a missing checkpoint is the server's own
+# one-line error.
 set -eu
 
 wait_for_weights() {
     deadline=$(( $(date +%s) + HEARTH_WAIT_FOR_WEIGHTS ))
     for entry in $(echo "${HEARTH_MODELS:-/app/weights/default}" | tr ',' ' '); do
         folder=${entry#*=}
-        until [ -f "$folder/config.json" ]; do
+        folder=${folder%/}
+        marker="$(dirname "$folder")/.$(basename "$folder").training"
+        until [ -f "$folder/config.json" ] && [ ! -e "$marker" ]; do
             if [ "$(date +%s)" -ge "$deadline" ]; then
-                echo "error: $folder/config.json did not appear within ${HEARTH_WAIT_FOR_WEIGHTS}s" >&2
+                echo "error: $folder was not ready within ${HEARTH_WAIT_FOR_WEIGHTS}s" >&2
                 exit 1
             fi
             echo "waiting for $folder (HEARTH_WAIT_FOR_WEIGHTS)..." >&2
