@@ -10,8 +10,10 @@ sequences from position 0, no KV cache), is rearranged for speed:
 - cos/sin of the rotary embedding are computed once per sequence length and
   reused by every layer and step.
 
-Every other case (a cache, explicit positions) falls back to the reference
-`Transformer.forward`, and tests check the two agree to float rounding,
+Each block still runs through its own module call (`FusedBlock.forward`), so
+module hooks fire per block: FSDP's `fully_shard(block)` gathers a block's
+weights there. Every other case (a cache, explicit positions) falls back to the
+reference `Transformer.forward`, and tests check the two agree to float rounding,
 gradients included. The savings are in the per-op overhead that dominates
 eager CPU training of small models; the maths is unchanged.
 """
@@ -25,8 +27,22 @@ from torch import Tensor
 from model.decoder import Block, KVCache, Transformer, apply_rope
 
 
+class FusedBlock(Block):
+    """A decoder block whose training forward (no positions, no cache) is fused."""
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        if positions is not None or cache is not None:
+            return super().forward(x, rope, positions, cache)
+        cos, sin = rope
+        x = x + _fused_attention(self, self.attn_norm(x), cos, sin)
+        return x + _fused_mlp(self, self.mlp_norm(x))
+
+
 class TrainingTransformer(Transformer):
     """The decoder with a fused forward for training (see module docstring)."""
+
+    block_class = FusedBlock
 
     def __init__(self, config):
         super().__init__(config)
@@ -47,12 +63,11 @@ class TrainingTransformer(Transformer):
         return self._rope_cache[key]
 
     def _fused_hidden_states(self, tokens: Tensor) -> Tensor:
-        batch, seq_len = tokens.shape
+        seq_len = tokens.shape[1]
         x = self.embed(tokens)
         cos, sin = self._rope_table(seq_len, tokens.device)
         for block in self.layers:
-            x = x + _fused_attention(block, block.attn_norm(x), cos, sin)
-            x = x + _fused_mlp(block, block.mlp_norm(x))
+            x = block(x, (cos, sin), None, None)
         return self.norm(x)
 
 
