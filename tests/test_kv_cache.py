@@ -121,6 +121,7 @@ def test_paged_attention_matches_dense_sdpa(row_multiple, n_kv_heads, max_query_
     full_keys = [torch.randn(KV, c + n, hd) for c, n, _ in layout]
     full_values = [torch.randn(KV, c + n, hd) for c, n, _ in layout]
     layer = 1
+    cache.zero_blocks([block for _, _, blocks in layout for block in blocks])  # as the block pool does on hand-out
     for (cached, _, blocks), keys, values in zip(layout, full_keys, full_values):
         for position in range(cached):  # what earlier steps left in the cache
             slot = blocks[position // 4] * 4 + position % 4
