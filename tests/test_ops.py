@@ -281,8 +281,12 @@ def test_access_log_line_per_request(server, caplog):
     body = chat_body("tiny", max_tokens=5, ignore_eos=True, stream=True)
     _, headers = stream_chat(server.url, body, headers={"X-Request-Id": "trace-42"})
     assert headers["x-request-id"] == "trace-42"
-    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hearth.access"]
-    line = next(r for r in records if r["request_id"] == "trace-42")
+    def access_line() -> dict | None:  # written when the response ends, which may be after the client read it all
+        records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hearth.access"]
+        return next((r for r in records if r["request_id"] == "trace-42"), None)
+
+    assert _wait(lambda: access_line() is not None)
+    line = access_line()
     assert line["event"] == "request" and line["method"] == "POST" and line["path"] == "/v1/chat/completions"
     assert line["status"] == 200 and line["model"] == "tiny"
     assert line["completion_tokens"] == 5 and line["prompt_tokens"] > 0 and line["finish_reasons"] == ["length"]

@@ -94,6 +94,7 @@ def run_pretrain(given: dict[str, Any]) -> int:
     context, device = init_distributed(_pick_device(settings.device), settings.fsdp)
     try:
         result = _pretrain(settings, saved, context, device)
+        barrier(context)  # all ranks done before the group goes: gloo aborts a rank whose peer tears it down early
     finally:
         shutdown_distributed()
     if result.interrupted:

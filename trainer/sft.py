@@ -197,7 +197,7 @@ def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int, world_s
 
 def run_sft(options: SFTOptions) -> int:
     """`hearth sft`: read chats, fine-tune (full or LoRA), save; returns the exit status."""
-    from trainer.distributed import init_distributed, shutdown_distributed
+    from trainer.distributed import barrier, init_distributed, shutdown_distributed
     from trainer.pretrain import default_dtype
 
     options.validate()
@@ -208,6 +208,7 @@ def run_sft(options: SFTOptions) -> int:
     context, options.device = init_distributed(options.device)
     try:
         result = fine_tune(options, context)
+        barrier(context)  # all ranks done before the group goes: gloo aborts a rank whose peer tears it down early
     finally:
         shutdown_distributed()
     if result.interrupted:
