@@ -19,6 +19,12 @@ Quality: a `mini`-shaped model with an untied LM head (like `small`) is
 trained from scratch with a plain AdamW loop on Shakespeare (the corpus in
 /work/shared when present, else tests/fixtures), saved, quantized in each
 variant, loaded and scored on held-out text (the last 5%, never trained on).
+With `--checkpoint DIR --data PATH...` a model trained by `hearth pretrain` /
+`hearth sft` is quantized instead and every variant is scored by `hearth
+eval`'s own code (text perplexity, or assistant-token perplexity on chats):
+
+    python bench/bench_quant.py --part quality --checkpoint runs/default-sft \
+        --data ../shared/corpus/wordnet-chat-valid.jsonl.gz
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.decoder import Transformer  # noqa: E402
 from model.generate import GenerationSettings, generate  # noqa: E402
-from model.quant import DEFAULT_SKIP, QuantizedEmbedding, QuantizedLinear, quantize_checkpoint  # noqa: E402
+from model.quant import DEFAULT_SKIP, QuantizationError, QuantizedEmbedding, QuantizedLinear, quantize_checkpoint  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,10 +164,13 @@ def run_speed(args: argparse.Namespace, workdir: Path) -> None:
     ]
     variants = [v for v in variants if (not args.only or v.label in args.only) and (ENGINE_PACK or not v.engine_pack)]
     folders = {v.label: build_variant(v, source, workdir) for v in variants}
-    models = {v.label: load_for_speed(folders[v.label], v) for v in variants}
     prompt = list(range(1, 9))
-    for model in models.values():
-        decode_tokens_per_second(model, prompt, 4)  # warm up: int4 packs at first use
+    models, load_seconds = {}, {}
+    for variant in variants:
+        start = time.perf_counter()
+        models[variant.label] = load_for_speed(folders[variant.label], variant)
+        decode_tokens_per_second(models[variant.label], prompt, 1)  # int4 packs at first use
+        load_seconds[variant.label] = time.perf_counter() - start
     rates: dict[str, list[float]] = {label: [] for label in models}
     for _ in range(args.rounds):  # interleaved, so load from other processes hits every variant alike
         for label, model in models.items():
@@ -170,14 +179,15 @@ def run_speed(args: argparse.Namespace, workdir: Path) -> None:
     fp32_mb = file_mb(source)
     print(f"\n## Decode, `small` (vocab 32000), {args.threads} threads, {args.new_tokens} tokens after an "
           f"8-token prompt, median of {args.rounds} rounds; read bandwidth {bandwidth:.1f} GB/s\n")
-    print("| weights | file MB | % of fp32 | tok/s (median, best) | ms/token | matmul ms | weight MB/token | bound tok/s | % of bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| weights | file MB | % of fp32 | load + first token s | tok/s (median, best) | ms/token | matmul ms "
+          "| weight MB/token | bound tok/s | % of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for variant in variants:
         label, model = variant.label, models[variant.label]
         median, best = statistics.median(rates[label]), max(rates[label])
         mb_per_token = weight_bytes_per_token(model) / 1e6
         bound = bandwidth * 1e3 / mb_per_token
-        print(f"| {label} | {file_mb(folders[label]):.1f} | {file_mb(folders[label]) / fp32_mb:.1%} | "
+        print(f"| {label} | {file_mb(folders[label]):.1f} | {file_mb(folders[label]) / fp32_mb:.1%} | {load_seconds[label]:.1f} | "
               f"{median:.1f} ({best:.1f}) | {1e3 / median:.2f} | {matmul_ms_per_token(model):.2f} | "
               f"{mb_per_token:.1f} | {bound:.0f} | {median / bound:.0%} |")
 
@@ -230,6 +240,49 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int) -> float:
     return math.exp(total / targets.numel())
 
 
+QUALITY_VARIANTS = [
+    Variant("fp32", None, dtype=torch.float32),
+    Variant("bf16", None, dtype=torch.bfloat16),
+    Variant("int8 (all)", "int8"),
+    Variant("int8, embed bf16", "int8", skip=("embed",)),
+    Variant("int8, embed + lm_head bf16", "int8", skip=("embed", "lm_head")),
+    Variant("int8 g32", "int8", 32),
+    Variant("int4 g32 (all)", "int4", 32),
+    Variant("int4 g32, embed bf16", "int4", 32, skip=("embed",)),
+    Variant("int4 g32, embed + lm_head bf16", "int4", 32, skip=("embed", "lm_head")),
+    Variant("int4 g64", "int4", 64),
+    Variant("int4 g128", "int4", 128),
+]
+
+
+def run_quality_checkpoint(args: argparse.Namespace, workdir: Path) -> None:
+    """Quantize a trained checkpoint in every variant and score each with `hearth eval`'s code."""
+    from trainer.evaluate import evaluate
+
+    results = []
+    for variant in QUALITY_VARIANTS:
+        try:
+            folder = build_variant(variant, args.checkpoint, workdir)
+        except QuantizationError as error:  # e.g. a group size that does not divide this model's widths
+            print(f"  {variant.label}: skipped ({error})")
+            continue
+        result = evaluate(load_checkpoint(folder, dtype=variant.dtype), args.data, limit=args.limit)
+        results.append((variant.label, result.get("perplexity", result.get("assistant_perplexity")), file_mb(folder)))
+        print(f"  {variant.label}: {results[-1][1]:.4f}", flush=True)
+    what = "assistant-token perplexity" if "assistant_perplexity" in result else "perplexity"
+    print(f"\n## {what} of {args.checkpoint} on {', '.join(map(str, args.data))} ({result.get('chats', result.get('documents'))} "
+          f"{'chats' if 'chats' in result else 'documents'}, {result['tokens']} tokens)\n")
+    print_quality_table(results)
+
+
+def print_quality_table(results: list[tuple[str, float, float]]) -> None:
+    base_ppl, base_mb = results[0][1], results[0][2]
+    print("| weights | perplexity | vs fp32 | file MB | % of fp32 |")
+    print("|---|---|---|---|---|")
+    for label, ppl, mb in results:
+        print(f"| {label} | {ppl:.3f} | {ppl / base_ppl - 1:+.2%} | {mb:.1f} | {mb / base_mb:.1%} |")
+
+
 def run_quality(args: argparse.Namespace, workdir: Path) -> None:
     torch.set_num_threads(args.threads)
     text = read_corpus(args.corpus_chars)
@@ -242,30 +295,13 @@ def run_quality(args: argparse.Namespace, workdir: Path) -> None:
           f"for {args.steps} steps of {args.batch}x{args.seq_len} tokens on {len(train_tokens)} tokens")
     source = workdir / "mini-fp32"
     save_checkpoint(source, train_model(config, train_tokens, args.steps, args.batch, args.seq_len), tokenizer)
-    variants = [
-        Variant("fp32", None, dtype=torch.float32),
-        Variant("bf16", None, dtype=torch.bfloat16),
-        Variant("int8", "int8"),
-        Variant("int8, embed int8", "int8", skip=()),
-        Variant("int8, lm_head bf16", "int8", skip=("embed", "lm_head")),
-        Variant("int8 g32", "int8", 32),
-        Variant("int4 g32", "int4", 32),
-        Variant("int4 g32, embed int4", "int4", 32, skip=()),
-        Variant("int4 g32, lm_head bf16", "int4", 32, skip=("embed", "lm_head")),
-        Variant("int4 g64", "int4", 64),
-        Variant("int4 g128", "int4", 128),
-    ]
     results = []
-    for variant in variants:
+    for variant in QUALITY_VARIANTS:
         folder = build_variant(variant, source, workdir)
         model = load_checkpoint(folder, dtype=variant.dtype).model
         results.append((variant.label, perplexity(model, held_out, args.seq_len), file_mb(folder)))
-    base_ppl, base_mb = results[0][1], results[0][2]
     print(f"\n## Perplexity on {len(held_out) - 1} held-out tokens (mini shape, untied, trained {args.steps} steps)\n")
-    print("| weights | perplexity | vs fp32 | file MB | % of fp32 |")
-    print("|---|---|---|---|---|")
-    for label, ppl, mb in results:
-        print(f"| {label} | {ppl:.3f} | {ppl / base_ppl - 1:+.2%} | {mb:.1f} | {mb / base_mb:.1%} |")
+    print_quality_table(results)
 
 
 def main() -> None:
@@ -281,10 +317,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--corpus-chars", type=int, default=2_000_000)
     parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--checkpoint", type=Path, help="quality: quantize this trained checkpoint instead of training one")
+    parser.add_argument("--data", nargs="+", help="quality with --checkpoint: held-out text or chats to score")
+    parser.add_argument("--limit", type=int, default=None, help="quality with --checkpoint: documents or chats scored")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hearth-bench-quant-") as tmp:
         if args.part in ("quality", "all"):
-            run_quality(args, Path(tmp))
+            (run_quality_checkpoint if args.checkpoint else run_quality)(args, Path(tmp))
         if args.part in ("speed", "all"):
             run_speed(args, Path(tmp))
 

@@ -305,8 +305,8 @@ def test_engine_serves_quantized_checkpoints(trained, tmp_path, method, group_si
 def test_sizes_on_disk(trained, tmp_path):
     _, path, _ = trained
     full = (path / "model.safetensors").stat().st_size
-    int8 = quantize_checkpoint(path, tmp_path / "int8", "int8", skip=[]).out_bytes
-    int4 = quantize_checkpoint(path, tmp_path / "int4", "int4", 64, skip=[]).out_bytes
+    int8 = quantize_checkpoint(path, tmp_path / "int8", "int8").out_bytes  # the defaults: everything quantized
+    int4 = quantize_checkpoint(path, tmp_path / "int4", "int4", 32).out_bytes
     assert int8 <= 0.30 * full and int4 <= 0.18 * full
 
 
@@ -316,7 +316,7 @@ def test_sizes_on_disk(trained, tmp_path):
 def test_cli_quantize_then_eval(trained, tmp_path, capsys):
     _, path, held_out = trained
     out = tmp_path / "cli-int8"
-    assert main(["quantize", str(path), "--method", "int8", "--out", str(out)]) == 0
+    assert main(["quantize", str(path), "--method", "int8", "--skip", "embed", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "quantized 14 modules" in printed and "kept in bfloat16: embed" in printed
     text = tmp_path / "held_out.txt"
