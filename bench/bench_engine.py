@@ -7,6 +7,8 @@
 What it measures, all in one process, one system after another:
 - single-stream decode tok/s: one request, `--max-tokens` generated tokens after
   a short prompt; (tokens - 1) / decode time from the engine's usage record;
+- prefill tok/s: one request with a `--prefill-tokens` prompt (512, as llama-bench's pp512)
+  and one output token; prompt tokens / prefill time from the usage record;
 - aggregate tok/s and mean time to first token with C concurrent requests
   (distinct ~20-token prompts, `--max-tokens` each, ignore_eos), C in --concurrency;
 - transformers LlamaForCausalLM.generate() on the same weights (exported with
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt length in words (~20 tokens)")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill row (llama.cpp's pp512)")
     parser.add_argument("--hf-batches", default="1,16", help="transformers generate() batch sizes")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -119,6 +122,13 @@ def bench_engine(path: Path, dtype_name: str, concurrency: list[int], args, toke
         rows.append(dict(system=f"hearth engine {dtype_name}", what="single-stream decode", tok_s=single,
                          ttft=usage.queue_time + usage.prefill_time, note=f"load {load_seconds:.1f}s"))
         print(f"  {dtype_name}: single-stream decode {single:.1f} tok/s", flush=True)
+        prefill_tokens = min(args.prefill_tokens, engine.max_seq_len - 1)  # room for the one output token
+        long_prompt = (prompts[0] * (prefill_tokens // len(prompts[0]) + 1))[:prefill_tokens]
+        _, _, usage = asyncio.run(run_request(engine, "prefill", long_prompt, 1))
+        prefill = len(long_prompt) / usage.prefill_time  # one request alone: the prompt is its only work
+        rows.append(dict(system=f"hearth engine {dtype_name}", what=f"prefill, {len(long_prompt)}-token prompt",
+                         tok_s=prefill, ttft=usage.queue_time + usage.prefill_time))
+        print(f"  {dtype_name}: prefill {prefill:.1f} tok/s ({len(long_prompt)} tokens)", flush=True)
         for count in concurrency:
             aggregate, ttft = asyncio.run(run_concurrent(engine, prompts[:count], args.max_tokens, f"c{count}"))
             rows.append(dict(system=f"hearth engine {dtype_name}", what=f"{count} concurrent", tok_s=aggregate, ttft=ttft))
