@@ -5,6 +5,7 @@
 #
 #   scripts/train-default-model.sh ../shared/corpus            # the recipe used for weights/default
 #   PRETRAIN_TOKENS=3e7 SFT_STEPS=3000 scripts/train-default-model.sh DATA   # a bigger budget (GPU)
+#   SKIP_PRETRAIN=1 scripts/train-default-model.sh DATA   # keep the pretrained base, redo fine-tuning onwards
 #
 # Intermediate checkpoints go to runs/ (git-ignored); the result replaces
 # weights/default atomically. Every step can be resumed with --resume.
@@ -12,8 +13,8 @@ set -euo pipefail
 DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-weights/default}
 RUNS=${RUNS:-runs}
-PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-1.5e6}
-SFT_STEPS=${SFT_STEPS:-150}
+PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-5e6}
+SFT_STEPS=${SFT_STEPS:-250}
 DEVICE=${DEVICE:-auto}
 HEARTH=${HEARTH:-python -m trainer}
 for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
@@ -21,11 +22,13 @@ for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.json
 done
 mkdir -p "$RUNS"
 
+if [ "${SKIP_PRETRAIN:-0}" != 1 ]; then  # SKIP_PRETRAIN=1: keep $RUNS/default-base, redo the rest
 $HEARTH pretrain --preset mini --vocab-size 8192 --seq-len 256 \
   --data "$DATA/wordnet-dictionary.txt.gz" "$DATA/shakespeare.txt.gz" \
   --batch-tokens 8192 --tokens "$PRETRAIN_TOKENS" --lr 2e-3 --warmup 10 \
   --eval-every 40 --save-every 20 --device "$DEVICE" \
   --out "$RUNS/default-base" --cache-dir "$RUNS/cache" --log-file "$RUNS/default-base.jsonl" --overwrite
+fi
 
 $HEARTH sft --base "$RUNS/default-base" \
   --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
@@ -35,9 +38,11 @@ $HEARTH sft --base "$RUNS/default-base" \
 
 $HEARTH quantize "$RUNS/default-sft" --method int8 --out "$OUT"
 
-# Figures for the model card.
-$HEARTH eval "$RUNS/default-base" --data "$DATA/shakespeare.txt.gz" "$DATA/wordnet-dictionary.txt.gz" --max-tokens 200000 | tee "$RUNS/eval-base-text.json"
+# Figures for the model card (the pretraining validation loss is in the base checkpoint's config.json).
 $HEARTH eval "$RUNS/default-sft" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-sft-valid.json"
 $HEARTH eval "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-int8-valid.json"
+$HEARTH eval "$OUT" --data tests/fixtures/wordnet_chat_valid_slice.jsonl | tee "$RUNS/eval-int8-slice.json"
 python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 | tee "$RUNS/f1-valid.json"
 python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-train.jsonl.gz" --limit 200 | tee "$RUNS/f1-train.json"
+python scripts/card_samples.py "$OUT" > "$RUNS/samples.md"
+python scripts/write_model_card.py --runs "$RUNS" --base "$RUNS/default-base" --sft "$RUNS/default-sft" --out "$OUT"

@@ -234,7 +234,7 @@ def test_lora_sft_merge_equals_adapter_and_refuses_other_base(capsys, tmp_path, 
 def test_sft_merge_flag_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir):
     out = tmp_path / "merged"
     assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 2, "--lora-rank", 2,
-                  "--merge") == 0
+                  "--merge", "--device", "auto") == 0  # auto: cuda when available, as in hearth pretrain
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["training"]["merged"] is True
     assert not (out / "adapter_config.json").exists() and (out / "metrics.jsonl").is_file()

@@ -91,7 +91,7 @@ def run_pretrain(given: dict[str, Any]) -> int:
     out = Path(given["out"])
     saved = _saved_settings(out) if given.get("resume") else {}
     settings = _merge_settings(given, saved)
-    context, device = init_distributed(_pick_device(settings.device), settings.fsdp)
+    context, device = init_distributed(pick_device(settings.device), settings.fsdp)
     try:
         result = _pretrain(settings, saved, context, device)
         barrier(context)  # all ranks done before the group goes: gloo aborts a rank whose peer tears it down early
@@ -131,7 +131,8 @@ def _merge_settings(given: dict[str, Any], saved: dict[str, Any]) -> PretrainSet
     return PretrainSettings(**values)
 
 
-def _pick_device(device: str) -> str:
+def pick_device(device: str) -> str:
+    """--device as given, with auto resolved (cuda when available, else cpu); unavailable CUDA is an error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

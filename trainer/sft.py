@@ -128,7 +128,7 @@ class SFTOptions:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     long_chats: str = "truncate"  # chats longer than seq_len + 1: "truncate" or "drop"
     strict: bool = False  # stop at the first bad record
-    device: str = "cpu"  # cpu, cuda, cuda:N, mps
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N, mps
     dtype: str | None = None  # compute dtype (autocast) over fp32 master weights; None: bf16 where fast
     compile: bool = False  # torch.compile the model
     log_file: str | None = None  # live JSONL copy of the metrics
@@ -198,11 +198,10 @@ def plan_batches(options: SFTOptions, rows_per_epoch: int, seq_len: int, world_s
 def run_sft(options: SFTOptions) -> int:
     """`hearth sft`: read chats, fine-tune (full or LoRA), save; returns the exit status."""
     from trainer.distributed import barrier, init_distributed, shutdown_distributed
-    from trainer.pretrain import default_dtype
+    from trainer.pretrain import default_dtype, pick_device
 
     options.validate()
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HearthError(f"--device {options.device}: CUDA is not available on this machine")
+    options.device = pick_device(options.device)
     options.dtype = options.dtype or default_dtype(options.device)
     check_output_folder(options.out, options.overwrite or options.resume, options.base)
     context, options.device = init_distributed(options.device)

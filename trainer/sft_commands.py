@@ -47,7 +47,7 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--long-chats", choices=("truncate", "drop"), default="truncate",
                      help="chats longer than --seq-len + 1 tokens")
     run.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (torchrun for several GPUs)")
+    run.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N, mps (torchrun for several GPUs)")
     run.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                      help="compute dtype over fp32 master weights (default: bfloat16 where fast)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -69,7 +69,7 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="text window length (default: model context)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPU, slightly less exact)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad chat record")
     parser.add_argument("--base", default=None, help="base checkpoint of an adapter (default: the one it records)")
     parser.set_defaults(handler=run_eval_command)
@@ -94,10 +94,12 @@ def check_positive(name: str, value: float | None, allow_zero: bool = False) -> 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
+    from trainer.pretrain import pick_device
     from trainer.sft import load_model
 
     for name in ("max_tokens", "limit", "seq_len", "batch_tokens"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    args.device = pick_device(args.device)
     checkpoint = load_model(args.checkpoint, base=args.base, device=args.device)
     result = evaluate(checkpoint, args.data, device=args.device, bf16=args.bf16, seq_len=args.seq_len,
                       limit=args.limit, max_tokens=args.max_tokens, strict=args.strict, batch_tokens=args.batch_tokens)
