@@ -48,7 +48,8 @@ def served(checkpoint: Path, timeout_s: float = 120) -> Iterator[str]:
     """`hearth serve` in a child process; yields its base URL once /health says 200."""
     port = free_port()
     command = [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # The server's own output (its settings banner) goes to stderr: stdout is the Markdown.
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s

@@ -82,19 +82,22 @@ def figures_table(runs: Path, base: dict) -> str:
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {label} | {value} |" for label, value in rows)
 
 
-def card(runs: Path, base_dir: Path, sft_dir: Path, out: Path, samples: str) -> str:
-    base, sft = read_json(base_dir / "config.json"), read_json(sft_dir / "config.json")
-    model, pretrain, finetune = base["model"], base["training"], sft["training"]
+def card(runs: Path, base_dir: Path, sft_dirs: list[Path], out: Path, samples: str) -> str:
+    base = read_json(base_dir / "config.json")
+    stages = [read_json(folder / "config.json")["training"] for folder in sft_dirs]
+    model, pretrain = base["model"], base["training"]
     params = ModelConfig.from_dict(model).num_params()
     size_mb = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
-    base_s, sft_s = wall_seconds(base_dir), wall_seconds(sft_dir)
+    base_s, sft_s = wall_seconds(base_dir), sum(wall_seconds(folder) for folder in sft_dirs)
+    sft_tokens, sft_steps = sum(s.get("tokens_seen", 0) for s in stages), [s.get("steps") for s in stages]
     pretrain_cmd = " ".join(["hearth pretrain", *_flags(pretrain["settings"])])
     return f"""# default
 
 Hearth's bundled model: a small dictionary assistant. Ask it what an English word means, for a synonym, an
 opposite, what kind of thing something is, or for an example sentence; it greets politely. It is
-{params / 1e6:.1f}M parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU, so expect
-plausible dictionary-style answers that are often wrong for words it has not seen in chat form.
+{params / 1e6:.1f}M parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU: it answers in the
+right form, but what it says a word means is mostly wrong (see the F1 figures below). It is a demonstration of the
+stack, small enough to ship in the repository, not a dictionary to rely on.
 
 - Architecture: Hearth decoder, preset `{pretrain['preset']}` (dim {model['dim']}, {model['n_layers']} layers,
   {model['n_heads']} heads, FFN {model['ffn_dim']}, context {model['max_seq_len']}, tied embeddings), byte-level BPE
@@ -108,7 +111,8 @@ plausible dictionary-style answers that are often wrong for words it has not see
   `shakespeare.txt.gz` (Project Gutenberg texts, public domain), {pretrain['data']['train_tokens']:,} training
   tokens; {pretrain['tokens_seen']:,} tokens seen in {pretrain['steps']} steps.
 - Fine-tuning: `wordnet-chat-train.jsonl.gz` (60,018 single-turn chats about English words generated from
-  WordNet 3.0); {finetune.get('tokens_seen', 0):,} tokens seen in {finetune.get('steps')} steps.
+  WordNet 3.0), in {len(stages)} run(s) of {' + '.join(map(str, sft_steps))} steps (each a fresh warmup and cosine
+  decay, the second in another shuffle order); {sft_tokens:,} tokens seen.
 - Validation: `wordnet-chat-valid.jsonl.gz`, chats about words that no training chat covers (the model read
   those words only in the dictionary text).
 
@@ -117,7 +121,7 @@ plausible dictionary-style answers that are often wrong for words it has not see
 ## Recipe
 
 `make default-model DATA=../shared/corpus` (scripts/train-default-model.sh) reruns every step with Hearth's own
-commands: `{pretrain_cmd}`, then `hearth sft` on the training chats, `hearth quantize --method int8`, the evals
+commands: `{pretrain_cmd}`, then `hearth sft` on the training chats (twice), `hearth quantize --method int8`, the evals
 below, `scripts/card_samples.py` and this card (`scripts/write_model_card.py`).
 
 ## Measured
@@ -144,10 +148,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint (default RUNS/default-base)")
-    parser.add_argument("--sft", type=Path, default=None, help="fine-tuned checkpoint (default RUNS/default-sft)")
+    parser.add_argument("--sft", type=Path, nargs="+", default=None,
+                        help="fine-tuned checkpoint(s), one per SFT run in order (default RUNS/default-sft)")
     parser.add_argument("--out", type=Path, default=Path("weights/default"))
     args = parser.parse_args()
-    base, sft = args.base or args.runs / "default-base", args.sft or args.runs / "default-sft"
+    base, sft = args.base or args.runs / "default-base", args.sft or [args.runs / "default-sft"]
     samples = (args.runs / "samples.md").read_text()
     text = card(args.runs, base, sft, args.out, samples)
     tmp = args.out / "README.md.tmp"
