@@ -93,11 +93,13 @@ def card(runs: Path, base_dir: Path, sft_dirs: list[Path], out: Path, samples: s
     pretrain_cmd = " ".join(["hearth pretrain", *_flags(pretrain["settings"])])
     return f"""# default
 
-Hearth's bundled model: a small dictionary assistant. Ask it what an English word means, for a synonym, an
-opposite, what kind of thing something is, or for an example sentence; it greets politely. It is
-{params / 1e6:.1f}M parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU: it answers in the
-right form, but what it says a word means is mostly wrong (see the F1 figures below). It is a demonstration of the
-stack, small enough to ship in the repository, not a dictionary to rely on.
+Hearth's bundled model, meant as a small dictionary assistant: ask it what an English word means, for a
+synonym, an opposite, what kind of thing something is, or for an example sentence. It is {params / 1e6:.1f}M
+parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU, and it shows: it answers in the
+dictionary form of the training chats and usually names the word asked about, but what it says a word means is
+mostly wrong (see the F1 figures below), and greetings are too rare in the chats (18 of 60,018) for it to have
+learnt them. It demonstrates the stack end to end and is small enough to ship in the repository; it is not a
+dictionary to rely on. A GPU run of the same recipe with a bigger budget is the way to a useful one.
 
 - Architecture: Hearth decoder, preset `{pretrain['preset']}` (dim {model['dim']}, {model['n_layers']} layers,
   {model['n_heads']} heads, FFN {model['ffn_dim']}, context {model['max_seq_len']}, tied embeddings), byte-level BPE
@@ -112,7 +114,7 @@ stack, small enough to ship in the repository, not a dictionary to rely on.
   tokens; {pretrain['tokens_seen']:,} tokens seen in {pretrain['steps']} steps.
 - Fine-tuning: `wordnet-chat-train.jsonl.gz` (60,018 single-turn chats about English words generated from
   WordNet 3.0), in {len(stages)} run(s) of {' + '.join(map(str, sft_steps))} steps (each a fresh warmup and cosine
-  decay, the second in another shuffle order); {sft_tokens:,} tokens seen.
+  decay from the previous pass's weights, each in another shuffle order); {sft_tokens:,} tokens seen.
 - Validation: `wordnet-chat-valid.jsonl.gz`, chats about words that no training chat covers (the model read
   those words only in the dictionary text).
 
@@ -121,7 +123,7 @@ stack, small enough to ship in the repository, not a dictionary to rely on.
 ## Recipe
 
 `make default-model DATA=../shared/corpus` (scripts/train-default-model.sh) reruns every step with Hearth's own
-commands: `{pretrain_cmd}`, then `hearth sft` on the training chats (twice), `hearth quantize --method int8`, the evals
+commands: `{pretrain_cmd}`, then `hearth sft` on the training chats (in passes), `hearth quantize --method int8`, the evals
 below, `scripts/card_samples.py` and this card (`scripts/write_model_card.py`).
 
 ## Measured
