@@ -4,8 +4,8 @@
 # quantize to int8, then measure what the model card reports.
 #
 #   scripts/train-default-model.sh ../shared/corpus            # the recipe used for weights/default
-#   PRETRAIN_TOKENS=3e7 SFT_STEPS=3000 scripts/train-default-model.sh DATA   # a bigger budget (GPU)
-#   SKIP_PRETRAIN=1 scripts/train-default-model.sh DATA   # keep the pretrained base, redo fine-tuning onwards
+#   PRETRAIN_TOKENS=3e7 SFT_STEPS="3000 3000" scripts/train-default-model.sh DATA   # a bigger budget (GPU)
+#   SKIP_PRETRAIN=1 SKIP_SFT_PASSES=2 scripts/train-default-model.sh DATA   # keep base and 2 SFT passes, redo the rest
 #
 # Intermediate checkpoints go to runs/ (git-ignored); the result replaces
 # weights/default atomically. Every step can be resumed with --resume.
@@ -14,8 +14,7 @@ DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-weights/default}
 RUNS=${RUNS:-runs}
 PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-5e6}
-SFT_STEPS=${SFT_STEPS:-250}
-SFT2_STEPS=${SFT2_STEPS:-300}
+SFT_STEPS=${SFT_STEPS:-"250 300 300"}  # steps of each fine-tuning pass
 DEVICE=${DEVICE:-auto}
 HEARTH=${HEARTH:-python -m trainer}
 for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
@@ -31,29 +30,30 @@ $HEARTH pretrain --preset mini --vocab-size 8192 --seq-len 256 \
   --out "$RUNS/default-base" --cache-dir "$RUNS/cache" --log-file "$RUNS/default-base.jsonl" --overwrite
 fi
 
-if [ "${SKIP_SFT:-0}" != 1 ]; then  # SKIP_SFT=1: keep $RUNS/default-sft too
-$HEARTH sft --base "$RUNS/default-base" \
-  --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
-  --seq-len 256 --batch-tokens 8192 --max-steps "$SFT_STEPS" --lr 1e-3 \
-  --eval-every 50 --save-every 25 --device "$DEVICE" \
-  --out "$RUNS/default-sft" --log-file "$RUNS/default-sft.jsonl" --overwrite
-fi
+# Fine-tuning in passes over the chats, each from the last one's weights with a fresh warmup + cosine decay
+# and another shuffle order (--seed). One pass leaves the model copying the word asked about only weakly (it
+# starts the word right, then invents the rest); copying is what every answer needs, and it keeps improving
+# pass after pass. SKIP_SFT_PASSES=K keeps the first K passes' folders and runs the rest.
+base="$RUNS/default-base"; pass=0; sft_dirs=()
+for steps in $SFT_STEPS; do
+  pass=$((pass + 1)); out="$RUNS/default-sft$([ $pass = 1 ] || echo $pass)"; sft_dirs+=("$out")
+  if [ "$pass" -gt "${SKIP_SFT_PASSES:-0}" ]; then
+    $HEARTH sft --base "$base" \
+      --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
+      --seq-len 256 --batch-tokens 8192 --max-steps "$steps" --lr 1e-3 --seed $((pass - 1)) \
+      --eval-every 50 --save-every 25 --device "$DEVICE" \
+      --out "$out" --log-file "$out.jsonl" --overwrite
+  fi
+  base="$out"
+done
 
-# A second pass over the chats in another order: the first leaves the model copying the word asked about
-# only weakly (it starts the word right, then invents the rest), and copying is what every answer needs.
-$HEARTH sft --base "$RUNS/default-sft" \
-  --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
-  --seq-len 256 --batch-tokens 8192 --max-steps "$SFT2_STEPS" --lr 1e-3 --seed 1 \
-  --eval-every 50 --save-every 25 --device "$DEVICE" \
-  --out "$RUNS/default-sft2" --log-file "$RUNS/default-sft2.jsonl" --overwrite
-
-$HEARTH quantize "$RUNS/default-sft2" --method int8 --out "$OUT"
+$HEARTH quantize "$base" --method int8 --out "$OUT"
 
 # Figures for the model card (the pretraining validation loss is in the base checkpoint's config.json).
-$HEARTH eval "$RUNS/default-sft2" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-sft-valid.json"
+$HEARTH eval "$base" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-sft-valid.json"
 $HEARTH eval "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-int8-valid.json"
 $HEARTH eval "$OUT" --data tests/fixtures/wordnet_chat_valid_slice.jsonl | tee "$RUNS/eval-int8-slice.json"
 python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 | tee "$RUNS/f1-valid.json"
 python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-train.jsonl.gz" --limit 200 | tee "$RUNS/f1-train.json"
 python scripts/card_samples.py "$OUT" > "$RUNS/samples.md"
-python scripts/write_model_card.py --runs "$RUNS" --base "$RUNS/default-base" --sft "$RUNS/default-sft" "$RUNS/default-sft2" --out "$OUT"
+python scripts/write_model_card.py --runs "$RUNS" --base "$RUNS/default-base" --sft "${sft_dirs[@]}" --out "$OUT"
