@@ -310,6 +310,24 @@ def test_packed_fused_model_gives_the_same_bits_as_the_plain_one(tiny_model_dir)
             assert torch.equal(logits[0], logits[1])
 
 
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
+def test_stacked_quantized_layers_give_the_same_bits_as_separate_ones(tiny_model_dir, tmp_path, method, group_size):
+    """The engine stacks quantized q/k/v and gate/up into one matmul each: exact per output column."""
+    from model.quant import QuantizedLinear, quantize_checkpoint
+
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 on this CPU: the engine keeps the model as loaded")
+    folder = quantize_checkpoint(tiny_model_dir, tmp_path / method, method, group_size).out
+    plain = load_checkpoint(folder).model
+    stacked = copy.deepcopy(plain)
+    assert pack_model(stacked) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the (tied, bf16) LM head
+    assert isinstance(stacked.layers[0].attn.qkv, QuantizedLinear)
+    tokens = torch.randint(0, plain.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for rows in (1, 5, 37):
+            assert torch.equal(stacked(tokens[:, :rows]), plain(tokens[:, :rows]))
+
+
 def test_int8_checkpoint_runs_and_stays_batch_invariant(tiny_model_dir, tokenizer, tmp_path):
     from model.quant import quantize_checkpoint
 

@@ -1,4 +1,4 @@
-"""CPU fast path for bfloat16 models: pre-packed oneDNN matmuls, q/k/v and gate/up fused.
+"""CPU fast path: pre-packed oneDNN matmuls for bf16 models, q/k/v and gate/up fused (quantized ones too).
 
 Design choices:
 - A decode step is a series of GEMVs over the weights, so its speed is weight
@@ -12,8 +12,11 @@ Design choices:
 - The results are the same bits as the plain model's (a concatenated weight
   gives each output column the same dot product; tested), so the engine's
   batch invariance and the reference tests carry over. float32 models (the
-  exactness tests) and quantized layers (model/quant.py's kernels) are left
-  alone.
+  exactness tests) are left alone.
+- Quantized layers keep model/quant.py's kernels, but q/k/v and gate/up are
+  stacked into one quantized matmul each (`QuantizedLinear.stacked`: each
+  output column still reads only its own row, scales and zeros), so an int8
+  or int4 model also makes 4 calls per layer instead of 7.
 - The fused modules keep model.decoder's call signatures, so `Transformer`
   runs them unchanged; their forward mirrors the original's few lines.
 """
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.decoder import MLP, Attention, KVCache, apply_rope
+from model.quant import QuantizedLinear
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -50,14 +54,24 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 
-class FusedAttention(nn.Module):
-    """model.decoder.Attention with q, k, v computed by one packed matmul."""
+def fused_linear(*linears: nn.Module) -> nn.Module | None:
+    """One module computing `linears` (same input) stacked by rows, or None when they cannot be fused:
+    plain bf16 linears become one packed oneDNN matmul, quantized ones of one method and group size one
+    quantized matmul (`QuantizedLinear.stacked`, exact per output column)."""
+    if all(is_plain_bf16_linear(m) for m in linears):
+        return PackedLinear(*linears)
+    if all(type(m) is QuantizedLinear for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
+        return linears[0] if len(linears) == 1 else QuantizedLinear.stacked(*linears)
+    return None
 
-    def __init__(self, attention: Attention):
+
+class FusedAttention(nn.Module):
+    """model.decoder.Attention with q, k, v computed by one matmul."""
+
+    def __init__(self, attention: Attention, qkv: nn.Module, o: nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.qkv = PackedLinear(attention.q, attention.k, attention.v)
-        self.o = PackedLinear(attention.o)
+        self.qkv, self.o = qkv, o
         self.widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor,
@@ -80,13 +94,12 @@ class FusedAttention(nn.Module):
 
 
 class FusedMLP(nn.Module):
-    """model.decoder.MLP (SwiGLU) with gate and up computed by one packed matmul."""
+    """model.decoder.MLP (SwiGLU) with gate and up computed by one matmul."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, mlp: MLP, gate_up: nn.Module, down: nn.Module):
         super().__init__()
         self.ffn_dim = mlp.gate.out_features
-        self.gate_up = PackedLinear(mlp.gate, mlp.up)
-        self.down = PackedLinear(mlp.down)
+        self.gate_up, self.down = gate_up, down
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).split(self.ffn_dim, dim=-1)
@@ -102,15 +115,17 @@ def pack_model(model: nn.Module) -> int:
             count += pack_model(child)
         else:
             setattr(model, name, replacement)
-            count += sum(1 for m in replacement.modules() if isinstance(m, PackedLinear))
+            count += sum(1 for m in replacement.modules() if isinstance(m, (PackedLinear, QuantizedLinear)))
     return count
 
 
 def packed_replacement(module: nn.Module) -> nn.Module | None:
-    if type(module) is Attention and all(is_plain_bf16_linear(m) for m in (module.q, module.k, module.v, module.o)):
-        return FusedAttention(module)
-    if type(module) is MLP and all(is_plain_bf16_linear(m) for m in (module.gate, module.up, module.down)):
-        return FusedMLP(module)
+    if type(module) is Attention:
+        qkv, o = fused_linear(module.q, module.k, module.v), fused_linear(module.o)
+        return FusedAttention(module, qkv, o) if qkv is not None and o is not None else None
+    if type(module) is MLP:
+        gate_up, down = fused_linear(module.gate, module.up), fused_linear(module.down)
+        return FusedMLP(module, gate_up, down) if gate_up is not None and down is not None else None
     if is_plain_bf16_linear(module):
         return PackedLinear(module)
     return None
