@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.loadbench import LevelReport, RequestResult, make_prompt, markdown_table, run_level, summarize  # noqa: E402
+from server.spawn import start_server as spawn_server, stop_server  # noqa: E402
 
 CORPUS = Path("/work/shared/corpus")
 
@@ -125,35 +126,12 @@ def engine_report(engine, level: int, args: argparse.Namespace) -> LevelReport:
 
 
 def start_server(checkpoint: Path, args: argparse.Namespace, port: int = 18765) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "serve", "--model", str(checkpoint), "--port", str(port),
-         "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, server)
-    return server, url
+    return spawn_server(checkpoint, "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning", port=port)
 
 
 def http_report(url: str, checkpoint: Path, level: int, args: argparse.Namespace) -> LevelReport:
     return asyncio.run(run_level(url, checkpoint.name, level, requests_for(level, args), args.prompt_tokens,
                                  args.max_tokens, {}, args.seed))
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"hearth serve exited: {server.stderr.read()}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("hearth serve did not become healthy")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -227,8 +205,7 @@ def main() -> None:
         if engine is not None:
             engine.shutdown()
         if server is not None:
-            server.terminate()
-            server.wait(60)
+            stop_server(server)
     engine, http = engine_reports, http_reports
     header = (f"`small` (random weights, bf16), prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens "
               f"per request, max_num_seqs {args.max_num_seqs}")

@@ -11,18 +11,15 @@ hand: the card's samples are this script's output.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.spawn import start_server, stop_server  # noqa: E402
+
 QUESTIONS = (
     "hello",
     'What does "happy" mean?',
@@ -35,37 +32,6 @@ QUESTIONS = (
     "What's the definition of whisper?",
     "what can you do?",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(checkpoint: Path, timeout_s: float = 120) -> Iterator[str]:
-    """`hearth serve` in a child process; yields its base URL once /health says 200."""
-    port = free_port()
-    command = [sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(port), "--log-level", "warning"]
-    # The server's own output (its settings banner) goes to stderr: stdout is the Markdown.
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sys.stderr)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"error: hearth serve exited with status {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise SystemExit(f"error: hearth serve was not healthy after {timeout_s:.0f} s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def ask(url: str, model: str, question: str, max_tokens: int) -> str:
@@ -82,10 +48,14 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=80)
     args = parser.parse_args()
     model = args.checkpoint.resolve().name  # the served model id is the folder name
-    with served(args.checkpoint) as url:
+    # The server's settings banner goes to stderr: stdout is the Markdown.
+    process, url = start_server(args.checkpoint, "--log-level", "warning", stdout=sys.stderr)
+    try:
         for number, question in enumerate(QUESTIONS, 1):
             reply = ask(url, model, question, args.max_tokens)
             print(f"{number}. **User:** {question}\n\n   **{model}:** {reply.strip()}\n")
+    finally:
+        stop_server(process)
     return 0
 
 
