@@ -243,11 +243,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int) -> float:
 QUALITY_VARIANTS = [
     Variant("fp32", None, dtype=torch.float32),
     Variant("bf16", None, dtype=torch.bfloat16),
-    Variant("int8 (all)", "int8"),
+    Variant("int8 (all)", "int8", skip=()),
     Variant("int8, embed bf16", "int8", skip=("embed",)),
     Variant("int8, embed + lm_head bf16", "int8", skip=("embed", "lm_head")),
     Variant("int8 g32", "int8", 32),
-    Variant("int4 g32 (all)", "int4", 32),
+    Variant("int4 g32 (all)", "int4", 32, skip=()),
     Variant("int4 g32, embed bf16", "int4", 32, skip=("embed",)),
     Variant("int4 g32, embed + lm_head bf16", "int4", 32, skip=("embed", "lm_head")),
     Variant("int4 g64", "int4", 64),

@@ -54,7 +54,8 @@ def hardware() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return f"{cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}"
 
 
 def figures_table(runs: Path, base: dict) -> str:
