@@ -1,6 +1,6 @@
 """Engine throughput on the `small` preset, side by side with transformers `generate()`.
 
-    python bench/bench_engine.py                          # random small weights, bf16 + int8, HF at batch 1 and 16
+    python bench/bench_engine.py                          # random small weights, bf16 + int8 + int4, HF at batch 1 and 16
     python bench/bench_engine.py --checkpoint weights/X   # a trained checkpoint instead
     python bench/bench_engine.py --dtypes bfloat16 --concurrency 1,16 --no-hf
 
@@ -34,13 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from server.engine.engine import run_in_fresh_thread  # noqa: E402
+
 CORPUS = Path("/work/shared/corpus/shakespeare.txt.gz")
+QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # --dtypes name -> (method, group size)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a bf16/fp32 checkpoint folder (default: random `small` weights)")
-    parser.add_argument("--dtypes", default="bfloat16,int8", help="comma-separated: bfloat16, float32, int8")
+    parser.add_argument("--dtypes", default="bfloat16,int8,int4", help="comma-separated: bfloat16, float32, int8, int4 (group 32)")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt length in words (~20 tokens)")
@@ -205,14 +208,15 @@ def main() -> None:
             source = Path(args.checkpoint)
         else:
             print("building random `small` weights and a 32000-token tokenizer...", flush=True)
-            source = build_random_small(folder)
+            source = run_in_fresh_thread(build_random_small, folder)  # main thread: no OpenMP team (see it)
         tokenizers: list = []
         for dtype_name in dtypes:
             path = source
-            if dtype_name == "int8":
+            if dtype_name in QUANTIZED:
                 from model.quant import quantize_checkpoint
 
-                path = quantize_checkpoint(source, folder / "small-int8", "int8").out
+                method, group_size = QUANTIZED[dtype_name]
+                path = run_in_fresh_thread(quantize_checkpoint, source, folder / f"small-{dtype_name}", method, group_size).out
             rows += bench_engine(path, dtype_name, concurrency, args, tokenizers)
         if not args.no_hf:
             from model.checkpoint import load_checkpoint

@@ -357,3 +357,24 @@ def test_stale_garbage_in_freed_blocks_never_leaks_into_a_new_request(tiny_model
         assert all(lp == lp for lp in result.choices[0].logprobs)  # no NaN
     finally:
         engine.shutdown()
+
+
+def test_run_in_fresh_thread_returns_results_and_reraises_errors_from_a_thread_that_has_exited():
+    import threading
+
+    from server.engine.engine import run_in_fresh_thread
+
+    seen: list[threading.Thread] = []
+
+    def work(value: int) -> int:
+        seen.append(threading.current_thread())
+        return value * 2
+
+    assert run_in_fresh_thread(work, 21) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail() -> None:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        run_in_fresh_thread(fail)
