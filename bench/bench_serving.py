@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.loadbench import LevelReport, RequestResult, make_prompt, markdown_table, run_level, summarize  # noqa: E402
+from server.engine.engine import run_in_fresh_thread  # noqa: E402
 from server.spawn import start_server as spawn_server, stop_server  # noqa: E402
 
 CORPUS = Path("/work/shared/corpus")
@@ -179,7 +180,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="serve this folder instead of the `small` one")
     args = parser.parse_args()
     args.levels = [int(level) for level in args.levels.split(",")]
-    checkpoint = args.checkpoint or build_checkpoint(args.workdir / "small")
+    # Built on a thread that exits: this process's engine thread must be the only one keeping an
+    # OpenMP team (see server.engine.engine.run_in_fresh_thread).
+    checkpoint = args.checkpoint or run_in_fresh_thread(build_checkpoint, args.workdir / "small")
     # Both sides stay up for the whole run and take turns level by level, so load from other
     # processes on the machine falls on both alike; the idle one costs no CPU.
     engine = start_engine(checkpoint, args) if args.part in ("both", "engine") else None
