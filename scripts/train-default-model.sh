@@ -14,7 +14,7 @@ DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-weights/default}
 RUNS=${RUNS:-runs}
 PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-5e6}
-SFT_STEPS=${SFT_STEPS:-"250 300 300"}  # steps of each fine-tuning pass
+SFT_STEPS=${SFT_STEPS:-"250 300 300 1400"}  # steps of each fine-tuning pass
 DEVICE=${DEVICE:-auto}
 HEARTH=${HEARTH:-python -m trainer}
 for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
@@ -33,7 +33,9 @@ fi
 # Fine-tuning in passes over the chats, each from the last one's weights with a fresh warmup + cosine decay
 # and another shuffle order (--seed). One pass leaves the model copying the word asked about only weakly (it
 # starts the word right, then invents the rest); copying is what every answer needs, and it keeps improving
-# pass after pass. SKIP_SFT_PASSES=K keeps the first K passes' folders and runs the rest.
+# pass after pass. Held-out assistant-token loss after each pass: 3.035, 2.620, 2.423, then 2.070 after the
+# fourth, longer one (1,400 steps, ~1.2 epochs of the chats in all). SKIP_SFT_PASSES=K keeps the first K passes'
+# folders and runs the rest.
 base="$RUNS/default-base"; pass=0; sft_dirs=()
 for steps in $SFT_STEPS; do
   pass=$((pass + 1)); out="$RUNS/default-sft$([ $pass = 1 ] || echo $pass)"; sft_dirs+=("$out")

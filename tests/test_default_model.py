@@ -45,11 +45,17 @@ def test_default_model_is_small_int8_and_has_a_card():
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in card
 
 
-def test_served_as_default_and_answers_about_the_word_asked(server):
-    """The served model answers in the dictionary form it was fine-tuned on, about the word asked.
+# WordNet 3.0's first sense of "happy" (adjective), and its words that carry meaning.
+FIRST_SENSE_OF_HAPPY = "enjoying or showing or marked by joy or pleasure"
+FIRST_SENSE_WORDS = set(FIRST_SENSE_OF_HAPPY.split()) - {"or", "by"}
 
-    What it says "happy" means is not checked: the CPU-trained model mostly gets meanings wrong
-    (its card reports token F1 against WordNet's answers), so this checks form and topic only.
+
+def test_served_as_default_and_answers_about_the_word_asked(server):
+    """The served model answers in the dictionary form it was fine-tuned on, about the word asked:
+    the word, its part of speech, and at least one word of WordNet's first sense.
+
+    The last is a low bar, and this model clears it through the adjective template it learnt ("having or
+    showing ..."), not by knowing what "happy" means: its card reports token F1 against WordNet's answers.
     """
     with http_client(server.url) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["default"]
@@ -58,7 +64,8 @@ def test_served_as_default_and_answers_about_the_word_asked(server):
         choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     reply = choice["message"]["content"]
     assert "happy" in reply.lower(), reply
-    assert re.search(r"\((noun|verb|adjective|adverb)\)", reply), reply
+    assert "(adjective)" in reply, reply
+    assert FIRST_SENSE_WORDS & set(re.findall(r"[a-z]+", reply.lower())), reply
     assert choice["finish_reason"] == "stop"  # it ends its answer by itself
 
 
