@@ -25,7 +25,7 @@ test: install
 serve: install
 	$(VENV)/bin/hearth serve --model $(MODEL) --port $(PORT)
 
-# Rebuild weights/default from the offline corpus (about 165 minutes on a 2-core CPU).
+# Rebuild weights/default from the offline corpus (about 175 minutes on a 2-core CPU).
 DATA ?= ../shared/corpus
 default-model: install
 	PATH=$(abspath $(VENV))/bin:$$PATH scripts/train-default-model.sh $(DATA) $(MODEL)

@@ -92,14 +92,18 @@ def card(runs: Path, base_dir: Path, sft_dirs: list[Path], out: Path, samples: s
     base_s, sft_s = wall_seconds(base_dir), sum(wall_seconds(folder) for folder in sft_dirs)
     sft_tokens, sft_steps = sum(s.get("tokens_seen", 0) for s in stages), [s.get("steps") for s in stages]
     pretrain_cmd = " ".join(["hearth pretrain", *_flags(pretrain["settings"])])
+    upsampled = [(i + 1, spec) for i, stage in enumerate(stages) for spec in stage.get("upsample") or []]
+    greetings = ("fine-tuning pass " + ", ".join(f"{number} adds `{spec}` (`--upsample`: the greetings, repeated)"
+                                                  for number, spec in upsampled) + "." if upsampled
+                 else "too few for it to have learnt them.")
     return f"""# default
 
 Hearth's bundled model, meant as a small dictionary assistant: ask it what an English word means, for a
 synonym, an opposite, what kind of thing something is, or for an example sentence. It is {params / 1e6:.1f}M
 parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU, and it shows: it answers in the
 dictionary form of the training chats and usually names the word asked about, but what it says a word means is
-mostly wrong (see the F1 figures below), and greetings are too rare in the chats (18 of 60,018) for it to have
-learnt them. It demonstrates the stack end to end and is small enough to ship in the repository; it is not a
+mostly wrong (see the F1 figures below). Greetings are rare in the chats (18 of 60,018); {greetings}
+It demonstrates the stack end to end and is small enough to ship in the repository; it is not a
 dictionary to rely on. A GPU run of the same recipe with a bigger budget is the way to a useful one.
 
 - Architecture: Hearth decoder, preset `{pretrain['preset']}` (dim {model['dim']}, {model['n_layers']} layers,

@@ -19,6 +19,7 @@ from trainer.evaluate import evaluate_chat_set
 from trainer.chat_data import (
     IGNORE_INDEX,
     ChatDataError,
+    ChatSet,
     PackedChatBatches,
     encode_for_training,
     pack_rows,
@@ -168,6 +169,8 @@ def test_cli_bad_input_is_one_line_and_leaves_no_output(capsys, tmp_path, tiny_m
         (["--data", write_jsonl(tmp_path / "b.jsonl", ["{x"]), "--strict"], "b.jsonl:1: not valid JSON"),
         (["--data", CHATS, "--lora-rank", 2, "--lora-targets", "q,attn"], "unknown module 'attn'"),
         (["--data", CHATS, "--epochs", 1, "--max-steps", 3], "not both"),
+        (["--data", CHATS, "--upsample", "greetings.jsonl"], "expected FILE:N"),
+        (["--data", CHATS, "--upsample", "greetings.jsonl:0"], "expected FILE:N"),
     ]
     for extra, message in cases:
         assert hearth("sft", "--base", tiny_model_dir, "--out", out, *extra) == 1
@@ -203,6 +206,25 @@ def test_full_sft_lowers_assistant_loss(capsys, tmp_path, tiny_model_dir, tokeni
     training = tuned.metadata["training"]
     assert training["task"] == "sft" and training["steps"] == 6 and training["lora"] is None
     assert training["chats"] == 401 and training["loss"] == "assistant tokens only"
+
+
+def test_upsample_repeats_a_files_chats_past_deduplication(capsys, tmp_path, tiny_model_dir, tokenizer):
+    greetings = write_jsonl(tmp_path / "greetings.jsonl", [
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hello! Ask me a word."}]},
+        {"messages": [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "You are welcome!"}]},
+    ])
+    out = tmp_path / "upsampled"
+    assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 1,
+                  "--upsample", f"{greetings}:5") == 0
+    training = load_checkpoint(out).metadata["training"]
+    assert training["chats"] == 401 + 2 * 5 and training["upsample"] == [f"{greetings}:5"]
+    # The set is the parts in order, each chat whole.
+    base, _ = read_chats([CHATS], tokenizer, limit=3)
+    extra, _ = read_chats([greetings], tokenizer)
+    joined = ChatSet.concatenate([base, extra, extra])
+    assert len(joined) == 7 and joined.num_tokens == base.num_tokens + 2 * extra.num_tokens
+    for index, (part, part_index) in enumerate([(base, 0), (base, 1), (base, 2), (extra, 0), (extra, 1), (extra, 0)]):
+        assert all(np.array_equal(a, b) for a, b in zip(joined.chat(index), part.chat(part_index)))
 
 
 def test_lora_sft_merge_equals_adapter_and_refuses_other_base(capsys, tmp_path, tiny_model_dir, tokenizer):

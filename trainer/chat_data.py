@@ -186,6 +186,14 @@ class ChatSet:
             return cls(np.zeros(0, np.int32), np.zeros(0, np.uint8), offsets)
         return cls(np.concatenate(token_runs), np.concatenate(mask_runs), offsets)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["ChatSet"]) -> "ChatSet":
+        """The chats of `parts`, in order (a part may appear several times: upsampling)."""
+        starts = np.cumsum([0] + [len(part.tokens) for part in parts[:-1]])
+        offsets = [parts[0].offsets[:1]] + [part.offsets[1:] + start for part, start in zip(parts, starts)]
+        return cls(np.concatenate([part.tokens for part in parts]), np.concatenate([part.loss_mask for part in parts]),
+                   np.concatenate(offsets))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

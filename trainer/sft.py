@@ -30,7 +30,7 @@ import torch
 
 from model.errors import HearthError
 from model.tokenizer import Tokenizer
-from trainer.chat_data import PackedChatBatches, print_read_report, read_chats
+from trainer.chat_data import ChatSet, PackedChatBatches, print_read_report, read_chats
 
 
 # --- model folders ------------------------------------------------------------------------
@@ -107,6 +107,7 @@ class SFTOptions:
     data: list[str]  # chat JSONL files
     out: Path  # output folder: checkpoint, or adapter folder with LoRA (without --merge)
     val_data: list[str] | None = None  # chat JSONL files for validation loss
+    upsample: list[str] | None = None  # "FILE:N": FILE's chats also trained on, N times per epoch (rare kinds)
     lora_rank: int | None = None  # None: full fine-tuning
     lora_alpha: float | None = None  # None: 2 x rank
     lora_dropout: float = 0.0
@@ -167,6 +168,17 @@ class SFTOptions:
                 raise HearthError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise HearthError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        self.upsampled()
+
+    def upsampled(self) -> list[tuple[str, int]]:
+        """--upsample FILE:N entries as (FILE, N)."""
+        pairs = []
+        for spec in self.upsample or ():
+            file, _, times = spec.rpartition(":")
+            if not file or not times.isdigit() or int(times) < 1:
+                raise HearthError(f"--upsample {spec!r}: expected FILE:N with N a positive integer (e.g. greetings.jsonl:50)")
+            pairs.append((file, int(times)))
+        return pairs
 
 
 @dataclass
@@ -294,8 +306,13 @@ def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int, v
     chats, report = read_chats(options.data, tokenizer, seq_len + 1, options.long_chats, options.strict)
     if verbose:
         print_read_report(report, "train data")
+    for file, times in options.upsampled():  # read on their own: de-duplication against --data would drop them
+        extra, extra_report = read_chats([file], tokenizer, seq_len + 1, options.long_chats, options.strict)
+        chats = ChatSet.concatenate([chats] + [extra] * times)
+        if verbose:
+            print_read_report(extra_report, f"upsampled x{times} ({file})")
     train_data = PackedChatBatches(chats, seq_len, tokenizer.pad_id or 0, seed=options.seed)
-    facts = {"data": [str(p) for p in options.data], "chats": len(chats), "chat_tokens": chats.num_tokens,
+    facts = {"data": [str(p) for p in options.data], "upsample": list(options.upsample or []), "chats": len(chats), "chat_tokens": chats.num_tokens,
              "assistant_tokens": chats.num_assistant_tokens, "skipped_records": report.skipped,
              "truncated_chats": report.truncated, "dropped_long_chats": report.dropped_long}
     val_data = None

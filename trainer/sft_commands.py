@@ -23,6 +23,8 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", required=True, help="checkpoint folder to fine-tune")
     parser.add_argument("--data", required=True, nargs="+", help="chat JSONL file(s), plain or .gz")
     parser.add_argument("--val-data", nargs="+", default=None, help="chat JSONL file(s) for validation loss")
+    parser.add_argument("--upsample", nargs="+", default=None, metavar="FILE:N",
+                        help="also train on FILE's chats, N times per epoch (a rare kind, e.g. greetings)")
     parser.add_argument("--out", required=True, help="output folder (checkpoint, or adapter with --lora-rank)")
     lora = parser.add_argument_group("LoRA (leave out --lora-rank for full fine-tuning)")
     lora.add_argument("--lora-rank", type=int, default=None, help="adapter rank r")
