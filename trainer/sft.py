@@ -306,13 +306,16 @@ def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int, v
     chats, report = read_chats(options.data, tokenizer, seq_len + 1, options.long_chats, options.strict)
     if verbose:
         print_read_report(report, "train data")
+    parts = [chats]
     for file, times in options.upsampled():  # read on their own: de-duplication against --data would drop them
         extra, extra_report = read_chats([file], tokenizer, seq_len + 1, options.long_chats, options.strict)
-        chats = ChatSet.concatenate([chats] + [extra] * times)
+        parts += [extra] * times
         if verbose:
             print_read_report(extra_report, f"upsampled x{times} ({file})")
+    chats = ChatSet.concatenate(parts) if len(parts) > 1 else chats
     train_data = PackedChatBatches(chats, seq_len, tokenizer.pad_id or 0, seed=options.seed)
-    facts = {"data": [str(p) for p in options.data], "upsample": list(options.upsample or []), "chats": len(chats), "chat_tokens": chats.num_tokens,
+    facts = {"data": [str(p) for p in options.data], "upsample": list(options.upsample or []),
+             "chats": len(chats), "chat_tokens": chats.num_tokens,
              "assistant_tokens": chats.num_assistant_tokens, "skipped_records": report.skipped,
              "truncated_chats": report.truncated, "dropped_long_chats": report.dropped_long}
     val_data = None

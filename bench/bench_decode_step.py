@@ -1,0 +1,173 @@
+"""Where a decode step goes, and how fast the CPU matmul kernels stream cold weights.
+
+    python bench/bench_decode_step.py                 # `small` shape, random weights, bf16 and int8
+    python bench/bench_decode_step.py --part kernels  # only the kernel streaming table
+
+Two measurements behind README's Engine section:
+- kernels: each CPU matmul the engine can use (oneDNN packed bf16, `_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`), one row of activations, over 12 layers of `small`'s q/k/v, o, gate/up
+  and down weights, so every call reads weights that are not in cache (12 layers of bf16 are 227 MB,
+  the L3 is 32 MB); GB/s = weight bytes / time. Beside them, a plain `sum` over 1.6 GB: the read
+  bandwidth the GEMVs could have.
+- step: the engine's worker driven directly (no HTTP, no asyncio) for one sequence decoding, on a
+  thread of its own as the engine runs it: time per step in the decoder body, the LM head and
+  sampling; then the same steps with every packed linear replaced by an empty output of its shape,
+  which leaves the rest of the body (norms, rotary, paged attention) alone.
+
+Not a test; nothing asserts. Rows of one run compare; this shared machine varies by up to 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from server.engine.engine import run_in_fresh_thread  # noqa: E402
+
+LAYER_SHAPES = {"qkv": (2304, 768), "o": (768, 768), "gate_up": (6144, 768), "down": (768, 3072)}  # `small`
+NUM_LAYERS = 12
+
+
+def cold_gemv_matmuls(kind: str, out_features: int, in_features: int):
+    """One layer's matmul of `kind`: x [1, in] bf16 -> [1, out]; random weights (speed only)."""
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    if kind == "bf16 packed (oneDNN)":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if kind == "int8 (_weight_int8pack_mm)":
+        codes, scales = torch.randint(-127, 128, weight.shape, dtype=torch.int8), torch.rand(out_features, dtype=torch.bfloat16)
+        return lambda x: torch._weight_int8pack_mm(x, codes, scales)
+    codes = torch.randint(0, 16, weight.shape, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scales_and_zeros = torch.rand(in_features // 32, out_features, 2, dtype=torch.bfloat16)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros)
+
+
+def time_per_call(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def kernel_rows() -> list[tuple[str, float, float]]:
+    """(kernel, ms per 12 layers, GB/s of weights)."""
+    rows = []
+    for kind, bytes_per_weight in (("bf16 packed (oneDNN)", 2), ("int8 (_weight_int8pack_mm)", 1),
+                                   ("int4 g32 (_weight_int4pack_mm_for_cpu)", 0.5)):
+        layers = [{name: cold_gemv_matmuls(kind, *shape) for name, shape in LAYER_SHAPES.items()} for _ in range(NUM_LAYERS)]
+        inputs = {name: torch.randn(1, shape[1], dtype=torch.bfloat16) for name, shape in LAYER_SHAPES.items()}
+
+        def all_layers() -> None:
+            for layer in layers:
+                for name, matmul in layer.items():
+                    matmul(inputs[name])
+
+        seconds = time_per_call(all_layers, 30)
+        weight_bytes = NUM_LAYERS * sum(o * i for o, i in LAYER_SHAPES.values()) * bytes_per_weight
+        rows.append((kind, seconds * 1e3, weight_bytes / seconds / 1e9))
+    big = torch.ones(400_000_000, dtype=torch.float32)
+    seconds = time_per_call(big.sum, 3)
+    rows.append(("read bandwidth: sum over 1.6 GB", seconds * 1e3, big.numel() * 4 / seconds / 1e9))
+    return rows
+
+
+def step_rows(checkpoint: Path, steps: int) -> list[tuple[str, float]]:
+    """(part of a single-stream decode step, ms)."""
+    from server.engine import Engine, EngineConfig
+    from server.engine import cpu_fast, worker as worker_module
+
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_num_seqs=4, enable_prefix_caching=False))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+            return result
+        return wrapper
+
+    engine.model.hidden_states = timed("decoder body", engine.model.hidden_states)
+    engine.model.lm_head.forward = timed("LM head", engine.model.lm_head.forward)
+    real_sample_batch = worker_module.sample_batch
+    worker_module.sample_batch = timed("sampling", real_sample_batch)
+    try:
+        total = run_in_fresh_thread(decode_steps, engine, steps, timings)
+        rows = [("whole step (scheduler + worker)", total)] + [(name, timings[name] / steps * 1e3) for name in
+                                                              ("decoder body", "LM head", "sampling")]
+        real_forward = cpu_fast.PackedLinear.forward
+        cpu_fast.PackedLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
+        try:
+            timings.clear()
+            run_in_fresh_thread(decode_steps, engine, steps, timings)
+            rows.append(("decoder body, linears replaced by empty outputs", timings["decoder body"] / steps * 1e3))
+        finally:
+            cpu_fast.PackedLinear.forward = real_forward
+    finally:
+        worker_module.sample_batch = real_sample_batch
+    return rows
+
+
+def decode_steps(engine, steps: int, timings: dict[str, float]) -> float:
+    """One greedy sequence through scheduler + worker for 8 warm-up steps, then `steps` timed; ms per step."""
+    from server.engine.sampling import SequenceSampler
+    from server.engine.scheduler import Sequence
+    from server.engine.types import SamplingParams
+
+    prompt = engine.tokenizer.encode("Now is the winter of our discontent made glorious summer by this sun", add_bos=True)
+    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    sampler = SequenceSampler(params, prompt, engine.model.config.vocab_size, 0)
+    engine.scheduler.add_sequence(Sequence("bench", list(prompt), len(prompt), params, frozenset(), sampler=sampler))
+
+    def step() -> None:
+        output = engine.scheduler.schedule()
+        results = engine.worker.execute(output)
+        engine.scheduler.update_from_output(output, {seq: [s.token_id for s in samples] for seq, samples in results.items()})
+
+    for _ in range(8):
+        step()
+    timings.clear()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    engine.scheduler.abort_request("bench")
+    return elapsed / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("both", "kernels", "step"), default="both")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a bf16 checkpoint (default: random `small`)")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.part in ("both", "kernels"):
+        rows = run_in_fresh_thread(kernel_rows)
+        print("\n| kernel, 12 layers of `small`, 1 row | ms | GB/s |\n|---|---|---|")
+        for kind, ms, gb_s in rows:
+            print(f"| {kind} | {ms:.2f} | {gb_s:.1f} |")
+    if args.part in ("both", "step"):
+        import tempfile
+
+        from bench_engine import build_random_small
+
+        with tempfile.TemporaryDirectory(prefix="hearth-step-") as tmp:
+            checkpoint = args.checkpoint or run_in_fresh_thread(build_random_small, Path(tmp))
+            rows = step_rows(checkpoint, args.steps)
+        print("\n| single-stream bf16 decode step | ms |\n|---|---|")
+        for name, ms in rows:
+            print(f"| {name} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
