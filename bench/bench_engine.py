@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import os
 import platform
@@ -43,7 +44,9 @@ QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # --dtypes name -> (
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a bf16/fp32 checkpoint folder (default: random `small` weights)")
-    parser.add_argument("--dtypes", default="bfloat16,int8,int4", help="comma-separated: bfloat16, float32, int8, int4 (group 32)")
+    parser.add_argument("--dtypes", default="bfloat16,int8,int4",
+                        help="comma-separated: bfloat16, bfloat16-onednn (oneDNN's matmul, not the native kernel), "
+                             "float32, int8, int4 (group 32)")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt length in words (~20 tokens)")
@@ -107,12 +110,28 @@ async def run_concurrent(engine, prompts: list[list[int]], max_tokens: int, tag:
     return total / wall, ttft
 
 
+@contextlib.contextmanager
+def native_kernels(enabled: bool):
+    """Build an engine with or without the native bf16 kernel (server/engine/native.py)."""
+    from server.engine import native
+
+    saved = os.environ.get("HEARTH_NATIVE_KERNELS")
+    os.environ["HEARTH_NATIVE_KERNELS"] = "1" if enabled else "0"
+    native.linear_bf16_kernel.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop("HEARTH_NATIVE_KERNELS") if saved is None else os.environ.update(HEARTH_NATIVE_KERNELS=saved)
+        native.linear_bf16_kernel.cache_clear()
+
+
 def bench_engine(path: Path, dtype_name: str, concurrency: list[int], args, tokenizer_out: list) -> list[dict]:
     from server.engine import Engine, EngineConfig
 
     engine_dtype = "float32" if dtype_name == "float32" else "bfloat16"
     load_start = time.perf_counter()
-    engine = Engine.from_checkpoint(path, EngineConfig(dtype=engine_dtype, max_num_seqs=max(concurrency)))
+    with native_kernels(dtype_name != "bfloat16-onednn"):
+        engine = Engine.from_checkpoint(path, EngineConfig(dtype=engine_dtype, max_num_seqs=max(concurrency)))
     load_seconds = time.perf_counter() - load_start
     engine.start()
     tokenizer_out.append(engine.tokenizer)

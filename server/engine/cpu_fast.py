@@ -1,4 +1,4 @@
-"""CPU fast path: pre-packed oneDNN matmuls for bf16 models, q/k/v and gate/up fused (quantized ones too).
+"""CPU fast path: pre-packed matmuls for bf16 models, q/k/v and gate/up fused (quantized ones too).
 
 Design choices:
 - A decode step is a series of GEMVs over the weights, so its speed is weight
@@ -9,10 +9,14 @@ Design choices:
 - So, for a bf16 model on CPU, the worker swaps in modules that compute the
   same thing with fewer, packed matmuls: q, k and v as one matmul, gate and up
   as one, o, down and the LM head packed alone: 4 calls per layer instead of 7.
-- The results are the same bits as the plain model's (a concatenated weight
-  gives each output column the same dot product; tested), so the engine's
-  batch invariance and the reference tests carry over. float32 models (the
-  exactness tests) are left alone.
+- The matmul is Hearth's native bf16 kernel where it runs (server/engine/native.py:
+  1.4-1.6x oneDNN for the 1-2 rows of a decode step, and every output row
+  computed the same way whatever the row count, so batch invariance holds by
+  construction), else oneDNN's. oneDNN's rows are not always independent of the
+  row count: with K = 3072 (the `small` down projection) a row's low bits change
+  with M. Results match the plain model's within bf16 rounding (tested), not bit
+  for bit: the fp32 sums run in another order. float32 models (the exactness
+  tests) are left alone.
 - Quantized layers keep model/quant.py's kernels, but q/k/v and gate/up are
   stacked into one quantized matmul each (`QuantizedLinear.stacked`: each
   output column still reads only its own row, scales and zeros), so an int8
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from model.decoder import MLP, Attention, KVCache, apply_rope
 from model.quant import QuantizedLinear
+from server.engine import native
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -41,16 +46,26 @@ def is_plain_bf16_linear(module: nn.Module) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W.T for a bias-free bf16 weight (several stacked by rows), packed once for oneDNN."""
+    """y = x @ W.T for a bias-free bf16 weight (several stacked by rows), packed once.
+
+    With the native kernel (server/engine/native.py) the weight is packed into its
+    4-row tiles; without it (another CPU, no C compiler, HEARTH_NATIVE_KERNELS=0),
+    into oneDNN's blocked layout. `kernel` says which.
+    """
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
         weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out, in]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        # An opaque MKLDNN tensor: a plain attribute, not a parameter (nothing trains or saves it).
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        # Plain attributes, not parameters or buffers: nothing trains or saves them.
+        if native.linear_bf16_kernel() is not None:
+            self.kernel, self.packed_weight = "native", native.pack_bf16_weight(weight)
+        else:  # an opaque MKLDNN tensor
+            self.kernel, self.packed_weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "native":
+            return native.linear_bf16(x, self.packed_weight, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 

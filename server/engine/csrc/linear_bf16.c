@@ -1,0 +1,104 @@
+/* Hearth's bf16 linear for x86-64 CPUs with AVX-512 BF16: Y[M, N] = X[M, K] @ W[N, K]^T.
+ *
+ * Why it exists: a decode step is a chain of GEMVs, bound by how fast the weights
+ * stream from memory. oneDNN's bf16 GEMV reads ~20 GB/s on the 2-core EPYC this was
+ * written on; this kernel walks each thread's weights as one sequential stream and
+ * reads ~30 GB/s, about what a plain sum over memory gets. For many rows (prefill)
+ * its 4 x 4 register tiles run at ~0.85x oneDNN's GEMM (bench/bench_decode_step.py).
+ *
+ * Layout: W is packed once (in Python) into tiles of 4 output rows,
+ * [ceil(N/4)][Kp/32][4][32] with Kp = K rounded up to 32 and zero padding, so a
+ * tile's four rows are read front to back as one stream.
+ *
+ * Arithmetic: every output element Y[m, n] is one fp32 accumulator fed by
+ * _mm512_dpbf16_ps over K in 32-wide chunks, in order, then a fixed-order lane sum
+ * and round-to-nearest-even to bf16. No other row of X or W takes part, and the
+ * tiling over M only changes which accumulators share a loop, so a row's result
+ * is the same whatever else is in the batch (batch invariance by construction).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE_N 4
+#define CHUNK_K 32
+#define BLOCK_TILES 16 /* 64 weight rows: 96 KB at K = 768 */
+
+static inline uint16_t to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+#define LOAD_W(w)                                                                      \
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32), \
+             w2 = (__m512bh)_mm512_loadu_si512(w + 64), w3 = (__m512bh)_mm512_loadu_si512(w + 96)
+#define DOT_ROW(a, xv)                                                                 \
+    a##0 = _mm512_dpbf16_ps(a##0, w0, xv); a##1 = _mm512_dpbf16_ps(a##1, w1, xv);      \
+    a##2 = _mm512_dpbf16_ps(a##2, w2, xv); a##3 = _mm512_dpbf16_ps(a##3, w3, xv)
+#define STORE_ROW(a, out)                                                              \
+    do { uint16_t *o = (out); o[0] = to_bf16(_mm512_reduce_add_ps(a##0));             \
+         if (num_out > 1) o[1] = to_bf16(_mm512_reduce_add_ps(a##1));                 \
+         if (num_out > 2) o[2] = to_bf16(_mm512_reduce_add_ps(a##2));                 \
+         if (num_out > 3) o[3] = to_bf16(_mm512_reduce_add_ps(a##3)); } while (0)
+
+static inline __mmask32 tail_mask(int64_t k, int64_t k_size) {
+    return k + CHUNK_K <= k_size ? 0xffffffffu : (__mmask32)((1ull << (k_size - k)) - 1);
+}
+
+/* One tile of 4 weight rows against 4 rows of X: 16 accumulators in registers. */
+static void tile_4rows(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy,
+                       int64_t num_out, int64_t k_size) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+    for (int64_t k = 0; k < k_size; k += CHUNK_K, w += TILE_N * CHUNK_K) {
+        const __mmask32 mask = tail_mask(k, k_size);
+        LOAD_W(w);
+        __m512bh xa = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
+        __m512bh xb = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + ldx + k);
+        __m512bh xc = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + 2 * ldx + k);
+        __m512bh xd = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + 3 * ldx + k);
+        DOT_ROW(a, xa); DOT_ROW(b, xb); DOT_ROW(c, xc); DOT_ROW(d, xd);
+    }
+    STORE_ROW(a, y); STORE_ROW(b, y + ldy); STORE_ROW(c, y + 2 * ldy); STORE_ROW(d, y + 3 * ldy);
+}
+
+/* The same for one row of X: each accumulator sees the same operations in the same order. */
+static void tile_1row(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t num_out, int64_t k_size) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < k_size; k += CHUNK_K, w += TILE_N * CHUNK_K) {
+        LOAD_W(w);
+        __m512bh xa = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask(k, k_size), x + k);
+        DOT_ROW(a, xa);
+    }
+    STORE_ROW(a, y);
+}
+
+void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed, uint16_t *y, int64_t ldy,
+                        int64_t m_size, int64_t n_size, int64_t k_size, int num_threads) {
+    const int64_t num_tiles = (n_size + TILE_N - 1) / TILE_N;
+    const int64_t num_blocks = (num_tiles + BLOCK_TILES - 1) / BLOCK_TILES;
+    const int64_t k_padded = (k_size + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
+    /* A block of tiles (its weights stay in L2) meets every 4-row slice of X (in L1) before the next block. */
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t block = 0; block < num_blocks; block++) {
+        const int64_t first_tile = block * BLOCK_TILES;
+        const int64_t end_tile = first_tile + BLOCK_TILES < num_tiles ? first_tile + BLOCK_TILES : num_tiles;
+        for (int64_t m = 0; m < m_size; m += 4) {
+            const uint16_t *x_rows = x + m * ldx;
+            for (int64_t t = first_tile; t < end_tile; t++) {
+                const uint16_t *w_tile = w_packed + t * TILE_N * k_padded;
+                const int64_t n = t * TILE_N;
+                uint16_t *y_tile = y + m * ldy + n;
+                if (m + 4 <= m_size) {
+                    tile_4rows(x_rows, ldx, w_tile, y_tile, ldy, n_size - n, k_size);
+                } else {
+                    for (int64_t row = 0; m + row < m_size; row++)
+                        tile_1row(x_rows + row * ldx, w_tile, y_tile + row * ldy, n_size - n, k_size);
+                }
+            }
+        }
+    }
+}
