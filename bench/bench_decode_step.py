@@ -4,8 +4,8 @@
     python bench/bench_decode_step.py --part kernels  # only the kernel streaming table
 
 Two measurements behind README's Engine section:
-- kernels: each CPU matmul the engine can use (oneDNN packed bf16, `_weight_int8pack_mm`,
-  `_weight_int4pack_mm_for_cpu`), one row of activations, over 12 layers of `small`'s q/k/v, o, gate/up
+- kernels: each CPU matmul the engine can use (Hearth's native bf16 and int8 kernels where they
+  run, oneDNN packed bf16, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), one row of activations, over 12 layers of `small`'s q/k/v, o, gate/up
   and down weights, so every call reads weights that are not in cache (12 layers of bf16 are 227 MB,
   the L3 is 32 MB); GB/s = weight bytes / time. Beside them, a plain `sum` over 1.6 GB: the read
   bandwidth the GEMVs could have.
@@ -36,7 +36,15 @@ NUM_LAYERS = 12
 
 def cold_gemv_matmuls(kind: str, out_features: int, in_features: int):
     """One layer's matmul of `kind`: x [1, in] bf16 -> [1, out]; random weights (speed only)."""
+    from model import native
+
     weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    if kind == "bf16 native (model/native.py)":
+        tiles = native.pack_bf16_weight(weight)
+        return lambda x: native.linear_bf16(x, tiles, out_features)
+    if kind == "int8 native (model/native.py)":
+        packed = native.pack_int8_weight(torch.randint(-127, 128, weight.shape, dtype=torch.int8), torch.rand(out_features))
+        return lambda x: native.linear_int8(x, packed, out_features)
     if kind == "bf16 packed (oneDNN)":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -61,8 +69,13 @@ def time_per_call(fn, repeats: int) -> float:
 def kernel_rows() -> list[tuple[str, float, float]]:
     """(kernel, ms per 12 layers, GB/s of weights)."""
     rows = []
-    for kind, bytes_per_weight in (("bf16 packed (oneDNN)", 2), ("int8 (_weight_int8pack_mm)", 1),
-                                   ("int4 g32 (_weight_int4pack_mm_for_cpu)", 0.5)):
+    from model import native
+
+    kinds = [("bf16 packed (oneDNN)", 2), ("int8 (_weight_int8pack_mm)", 1), ("int4 g32 (_weight_int4pack_mm_for_cpu)", 0.5)]
+    if native.linear_bf16_kernel() is not None and native.linear_int8_kernel() is not None:
+        kinds[1:1] = [("bf16 native (model/native.py)", 2)]
+        kinds[3:3] = [("int8 native (model/native.py)", 1)]
+    for kind, bytes_per_weight in kinds:
         layers = [{name: cold_gemv_matmuls(kind, *shape) for name, shape in LAYER_SHAPES.items()} for _ in range(NUM_LAYERS)]
         inputs = {name: torch.randn(1, shape[1], dtype=torch.bfloat16) for name, shape in LAYER_SHAPES.items()}
 

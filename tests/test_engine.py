@@ -98,9 +98,14 @@ def test_greedy_equals_the_reference_generator(engine, model, tokenizer):
         assert len(result.choices[0].logprobs) == len(result.tokens)
 
 
-def test_a_request_alone_equals_it_among_eight_others(tiny_model_dir, tokenizer):
+# bfloat16 is the serving dtype: on CPUs that run them, model/native.py's linears and paged attention.
+EXACT_DTYPES = pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+
+
+@EXACT_DTYPES
+def test_a_request_alone_equals_it_among_eight_others(tiny_model_dir, tokenizer, dtype):
     """Bitwise: same tokens and logprobs whatever else shares the steps (and the token budget)."""
-    engine = make_engine(tiny_model_dir, enable_prefix_caching=False, max_num_batched_tokens=48)
+    engine = make_engine(tiny_model_dir, dtype=dtype, enable_prefix_caching=False, max_num_batched_tokens=48)
     try:
         target, *others = prompts(tokenizer, 9)[::-1]  # the longest prompt: chunked differently when crowded
         alone = asyncio.run(collect(engine, "alone", target, GREEDY))
@@ -111,11 +116,12 @@ def test_a_request_alone_equals_it_among_eight_others(tiny_model_dir, tokenizer)
         engine.shutdown()
 
 
-def test_prefix_cached_equals_uncached(tiny_model_dir, tokenizer):
+@EXACT_DTYPES
+def test_prefix_cached_equals_uncached(tiny_model_dir, tokenizer, dtype):
     system = tokenizer.encode("You are a helpful assistant who answers in verse. " * 3, add_bos=True)
     turn = system + tokenizer.encode(" Who is the prince of Denmark?")
-    cached_engine = make_engine(tiny_model_dir)
-    plain_engine = make_engine(tiny_model_dir, enable_prefix_caching=False)
+    cached_engine = make_engine(tiny_model_dir, dtype=dtype)
+    plain_engine = make_engine(tiny_model_dir, dtype=dtype, enable_prefix_caching=False)
     try:
         asyncio.run(collect(cached_engine, "warm", system + tokenizer.encode(" Hello"), GREEDY))
         cached = asyncio.run(collect(cached_engine, "turn", turn, GREEDY))
@@ -129,15 +135,18 @@ def test_prefix_cached_equals_uncached(tiny_model_dir, tokenizer):
         plain_engine.shutdown()
 
 
-def test_preempted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer):
+@EXACT_DTYPES
+def test_preempted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer, dtype):
+    """The resumed request recomputes its generated tokens as a prompt: a prefill row must give the
+    same bits as the decode row it replaces."""
     # 18 blocks of 16 tokens for four requests growing to 100-150 tokens each: preemption is certain.
-    small_pool = make_engine(tiny_model_dir, kv_cache_blocks=18, enable_prefix_caching=False)
+    small_pool = make_engine(tiny_model_dir, dtype=dtype, kv_cache_blocks=18, enable_prefix_caching=False)
     try:
         params = SamplingParams(max_tokens=60, temperature=0, logprobs=0, ignore_eos=True)
         batch = prompts(tokenizer, 8)[4:]
         squeezed = asyncio.run(collect_all(small_pool, [(p, params) for p in batch]))
         assert small_pool.scheduler.num_preemptions > 0
-        roomy = make_engine(tiny_model_dir)
+        roomy = make_engine(tiny_model_dir, dtype=dtype)
         try:
             for prompt, result in zip(batch, squeezed):
                 assert asyncio.run(collect(roomy, "solo", prompt, params)).choices[0] == result.choices[0]
@@ -317,9 +326,12 @@ def test_packed_fused_model_matches_the_plain_one(tiny_model_dir):
 
 
 @pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
-def test_stacked_quantized_layers_give_the_same_bits_as_separate_ones(tiny_model_dir, tmp_path, method, group_size):
-    """The engine stacks quantized q/k/v and gate/up into one matmul each: exact per output column."""
+def test_stacked_quantized_layers_match_separate_ones(tiny_model_dir, tmp_path, method, group_size):
+    """The engine stacks quantized q/k/v and gate/up into one matmul each: exact per output column
+    through model/quant.py's kernels; int8 goes to the native kernel where it runs (own fp32 order)."""
+    from model import native
     from model.quant import QuantizedLinear, quantize_checkpoint
+    from server.engine.cpu_fast import PackedInt8Linear
 
     if not can_pack(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no oneDNN bf16 on this CPU: the engine keeps the model as loaded")
@@ -327,11 +339,16 @@ def test_stacked_quantized_layers_give_the_same_bits_as_separate_ones(tiny_model
     plain = load_checkpoint(folder).model
     stacked = copy.deepcopy(plain)
     assert pack_model(stacked) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the (tied, bf16) LM head
-    assert isinstance(stacked.layers[0].attn.qkv, QuantizedLinear)
+    native_int8 = method == "int8" and native.linear_int8_kernel() is not None
+    assert isinstance(stacked.layers[0].attn.qkv, PackedInt8Linear if native_int8 else QuantizedLinear)
     tokens = torch.randint(0, plain.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # hidden states: the bf16 LM head is packed, so not bit for bit
         for rows in (1, 5, 37):
-            assert torch.equal(stacked.hidden_states(tokens[:, :rows]), plain.hidden_states(tokens[:, :rows]))
+            hidden = [model.hidden_states(tokens[:, :rows]) for model in (stacked, plain)]
+            if native_int8:
+                assert_close_to_bf16_rounding(*hidden)
+            else:
+                assert torch.equal(*hidden)
 
 
 def test_int8_checkpoint_runs_and_stays_batch_invariant(tiny_model_dir, tokenizer, tmp_path):

@@ -1,5 +1,5 @@
-"""The native bf16 linear (server/engine/native.py, csrc/linear_bf16.c): against an fp32
-reference, batch invariance, the shared OpenMP runtime, the compile cache and the fallbacks."""
+"""The native linears (model/native.py, model/csrc/): bf16 and int8 against fp32 references,
+batch invariance, the shared OpenMP runtime, the compile cache and the fallbacks."""
 
 import logging
 from pathlib import Path
@@ -7,26 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import native
-from server.engine.cpu_fast import PackedLinear
+from model import native
+from model.quant_kernels import quantize_int8
+from server.engine.cpu_fast import PackedInt8Linear, PackedLinear, is_native_int8
 
 
 def native_or_skip():
     try:
         native.check_cpu()
     except native.NativeUnavailable as error:
-        pytest.skip(f"the native kernel cannot run here: {error}")
-    if native.linear_bf16_kernel() is None:
-        pytest.skip("the native kernel did not build here (see the warning it logged)")
+        pytest.skip(f"the native kernels cannot run here: {error}")
+    if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.paged_attention_kernel()):
+        pytest.skip("the native kernels did not build here (see the warning logged)")
 
 
 @pytest.fixture
 def fresh_kernel_cache(monkeypatch, tmp_path):
     """An empty compile cache and a forgotten kernel; the real one comes back afterwards."""
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
-    native.linear_bf16_kernel.cache_clear()
+    native.load_kernel.cache_clear()
     yield tmp_path
-    native.linear_bf16_kernel.cache_clear()
+    native.load_kernel.cache_clear()
 
 
 def bf16(*shape, seed=0):
@@ -54,6 +55,106 @@ def test_native_linear_rows_do_not_depend_on_the_row_count():
     alone = torch.cat([native.linear_bf16(x[i:i + 1], packed, 96) for i in range(70)])
     for rows in (2, 3, 4, 5, 8, 17, 70):
         assert torch.equal(native.linear_bf16(x[:rows], packed, 96), alone[:rows])
+
+
+@pytest.mark.parametrize("out_features,in_features", [(37, 40), (64, 64), (130, 3072), (8, 1)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_native_int8_linear_matches_an_fp32_reference(out_features, in_features, rows):
+    native_or_skip()
+    weight = quantize_int8(torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)))
+    x = bf16(rows, in_features, seed=1)
+    out = native.linear_int8(x, native.pack_int8_weight(weight.data, weight.scales), out_features)
+    expected = x.float() @ weight.dequantize().T
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-3 * in_features**0.5).all()
+
+
+def test_native_int8_rows_do_not_depend_on_the_row_count():
+    native_or_skip()
+    weight = quantize_int8(torch.randn(96, 3072, generator=torch.Generator().manual_seed(0)))
+    packed, x = native.pack_int8_weight(weight.data, weight.scales), bf16(70, 3072, seed=1)
+    alone = torch.cat([native.linear_int8(x[i:i + 1], packed, 96) for i in range(70)])
+    for rows in (2, 3, 4, 5, 8, 17, 70):
+        assert torch.equal(native.linear_int8(x[:rows], packed, 96), alone[:rows])
+
+
+def test_packed_int8_linear_stacks_layers_and_matches_their_kernel():
+    native_or_skip()
+    from model.quant import LayerQuant, QuantizedLinear
+
+    layers = [QuantizedLinear.from_weight(quantize_int8(torch.randn(out, 96))) for out in (32, 20)]
+    assert all(is_native_int8(layer) for layer in layers)
+    packed, x = PackedInt8Linear(*layers), bf16(5, 96, seed=2)
+    expected = torch.cat([layer(x) for layer in layers], dim=-1).float()  # _weight_int8pack_mm
+    assert packed.out_features == 52
+    assert ((packed(x).float() - expected).abs() <= expected.abs() * 2**-7 + 1e-2).all()
+    reference_only = QuantizedLinear(96, 8, LayerQuant("int8", None))
+    reference_only.kernel = "reference"  # pinned by the user: left alone
+    assert not is_native_int8(reference_only)
+
+
+def paged_setup(num_heads=4, num_kv_heads=2, head_dim=32, block_size=4, num_blocks=40, seed=0):
+    """A layer's cache [KV, slots, hd] with random contents, and two sequences' shuffled block tables."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_kv_heads, num_blocks * block_size, head_dim, generator=generator).to(torch.bfloat16)
+    values = torch.randn(num_kv_heads, num_blocks * block_size, head_dim, generator=generator).to(torch.bfloat16)
+    order = torch.randperm(num_blocks - 1, generator=generator) + 1  # block 0: the null block
+    tables = [order[:18].tolist(), order[18:36].tolist()]
+    return keys, values, tables
+
+
+def dense(cache, table, block_size, length):
+    """The first `length` positions of a sequence, gathered: [KV, length, hd]."""
+    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(length)])
+    return cache[:, slots]
+
+
+def run_rows(q, keys, values, rows, block_size, scale):
+    """rows: [(table, position)] for each query row of q [N, H, hd]."""
+    block_ids, offsets = [], []
+    for table, _ in rows:
+        offsets.append(len(block_ids))
+        block_ids += table
+    return native.paged_attention(q, keys, values, torch.tensor(block_ids, dtype=torch.int32),
+                                  torch.tensor(offsets), torch.tensor([p for _, p in rows], dtype=torch.int32),
+                                  block_size, scale)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 32), (4, 4, 16), (2, 1, 64)])
+def test_native_paged_attention_matches_dense_fp32_attention(num_heads, num_kv_heads, head_dim):
+    from server.engine.kv_cache import reference_attention
+
+    native_or_skip()
+    block_size, scale = 4, head_dim ** -0.5
+    keys, values, tables = paged_setup(num_heads, num_kv_heads, head_dim, block_size)
+    rows = [(tables[0], 0), (tables[1], 70), (tables[0], 33), (tables[1], 5)]
+    q = bf16(len(rows), num_heads, head_dim, seed=3)
+    out = run_rows(q, keys, values, rows, block_size, scale)
+    for row, (table, position) in enumerate(rows):
+        k, v = dense(keys, table, block_size, position + 1), dense(values, table, block_size, position + 1)
+        expected = reference_attention(q[row][:, None], k, v, torch.tensor([position]))[:, 0]  # [H, hd]
+        assert (out[row].float() - expected).abs().max() <= 2**-7 * expected.abs().max() + 1e-3
+
+
+def test_native_paged_attention_rows_are_the_same_in_a_prefill_and_a_decode():
+    """A chunk of 30 rows, then each row alone (a decode step) and in other company: the same bits."""
+    native_or_skip()
+    keys, values, tables = paged_setup()
+    q = bf16(30, 4, 32, seed=4)
+    chunk = run_rows(q, keys, values, [(tables[0], p) for p in range(30)], 4, 0.2)
+    for position in (0, 7, 29):
+        alone = run_rows(q[position:position + 1], keys, values, [(tables[0], position)], 4, 0.2)
+        assert torch.equal(alone[0], chunk[position])
+    mixed_q = torch.cat([bf16(3, 4, 32, seed=5), q[12:13]])
+    mixed = run_rows(mixed_q, keys, values, [(tables[1], 60), (tables[1], 2), (tables[0], 1), (tables[0], 12)], 4, 0.2)
+    assert torch.equal(mixed[3], chunk[12])
+
+
+def test_native_paged_attention_refuses_a_head_dim_it_cannot_take():
+    native_or_skip()
+    keys, values, tables = paged_setup(head_dim=24)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        run_rows(bf16(1, 4, 24), keys, values, [(tables[0], 3)], 4, 0.2)
 
 
 def test_native_linear_takes_any_leading_shape_and_row_stride():
@@ -116,5 +217,5 @@ def test_a_compiler_that_fails_gives_a_one_line_reason_and_the_fallback(fresh_ke
     with caplog.at_level(logging.WARNING, logger="hearth.native"):
         assert native.linear_bf16_kernel() is None
     message = next(r.getMessage() for r in caplog.records if r.name == "hearth.native")
-    assert "using oneDNN" in message and "error: no such thing" in message and "\n" not in message
+    assert "using PyTorch's kernel" in message and "error: no such thing" in message and "\n" not in message
     assert not list((fresh_kernel_cache / "native").glob("*"))  # no half-written library left

@@ -9,7 +9,7 @@ Design choices:
 - So, for a bf16 model on CPU, the worker swaps in modules that compute the
   same thing with fewer, packed matmuls: q, k and v as one matmul, gate and up
   as one, o, down and the LM head packed alone: 4 calls per layer instead of 7.
-- The matmul is Hearth's native bf16 kernel where it runs (server/engine/native.py:
+- The matmul is Hearth's native bf16 kernel where it runs (model/native.py:
   1.4-1.6x oneDNN for the 1-2 rows of a decode step, and every output row
   computed the same way whatever the row count, so batch invariance holds by
   construction), else oneDNN's. oneDNN's rows are not always independent of the
@@ -17,10 +17,13 @@ Design choices:
   with M. Results match the plain model's within bf16 rounding (tested), not bit
   for bit: the fp32 sums run in another order. float32 models (the exactness
   tests) are left alone.
-- Quantized layers keep model/quant.py's kernels, but q/k/v and gate/up are
-  stacked into one quantized matmul each (`QuantizedLinear.stacked`: each
-  output column still reads only its own row, scales and zeros), so an int8
-  or int4 model also makes 4 calls per layer instead of 7.
+- int8 per-channel layers go to the native int8 kernel where it runs (2x
+  `_weight_int8pack_mm` for a decode step's rows, batch invariant the same way),
+  stacked and packed straight into its tiles. Other quantized layers keep
+  model/quant.py's kernels, but q/k/v and gate/up are stacked into one quantized
+  matmul each (`QuantizedLinear.stacked`: each output column still reads only
+  its own row, scales and zeros), so a quantized model also makes 4 calls per
+  layer instead of 7.
 - The fused modules keep model.decoder's call signatures, so `Transformer`
   runs them unchanged; their forward mirrors the original's few lines.
 """
@@ -31,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import native
 from model.decoder import MLP, Attention, KVCache, apply_rope
 from model.quant import QuantizedLinear
-from server.engine import native
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -48,7 +51,7 @@ def is_plain_bf16_linear(module: nn.Module) -> bool:
 class PackedLinear(nn.Module):
     """y = x @ W.T for a bias-free bf16 weight (several stacked by rows), packed once.
 
-    With the native kernel (server/engine/native.py) the weight is packed into its
+    With the native kernel (model/native.py) the weight is packed into its
     4-row tiles; without it (another CPU, no C compiler, HEARTH_NATIVE_KERNELS=0),
     into oneDNN's blocked layout. `kernel` says which.
     """
@@ -69,12 +72,37 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
 
 
+def is_native_int8(module: nn.Module) -> bool:
+    """An int8 per-channel layer the native int8 kernel can take (unless pinned to the reference)."""
+    return (type(module) is QuantizedLinear and module.spec.method == "int8" and module.spec.group_size is None
+            and module.kernel == "auto" and module.scales.device.type == "cpu" and native.linear_int8_kernel() is not None)
+
+
+class PackedInt8Linear(nn.Module):
+    """y = x @ (codes * scales).T for int8 per-channel layers (several stacked by rows), in the
+    native int8 kernel's tiles. It replaces the QuantizedLinears in the engine, so their weights
+    are held once, in the tiled layout only (nothing here is saved)."""
+
+    def __init__(self, *layers: QuantizedLinear):
+        super().__init__()
+        weights = [layer.quantized_weight() for layer in layers]
+        codes = torch.cat([w.data for w in weights])  # [sum of out, in]
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.packed = native.pack_int8_weight(codes, torch.cat([w.scales for w in weights]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return native.linear_int8(x, self.packed, self.out_features)
+
+
 def fused_linear(*linears: nn.Module) -> nn.Module | None:
     """One module computing `linears` (same input) stacked by rows, or None when they cannot be fused:
-    plain bf16 linears become one packed oneDNN matmul, quantized ones of one method and group size one
-    quantized matmul (`QuantizedLinear.stacked`, exact per output column)."""
+    plain bf16 linears become one packed matmul (native or oneDNN), int8 per-channel ones one native
+    int8 matmul where it runs, other quantized ones of one method and group size one quantized
+    matmul (`QuantizedLinear.stacked`, exact per output column)."""
     if all(is_plain_bf16_linear(m) for m in linears):
         return PackedLinear(*linears)
+    if all(is_native_int8(m) for m in linears) and len({m.in_features for m in linears}) == 1:
+        return PackedInt8Linear(*linears)
     if all(type(m) is QuantizedLinear for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
         return linears[0] if len(linears) == 1 else QuantizedLinear.stacked(*linears)
     return None
@@ -130,7 +158,7 @@ def pack_model(model: nn.Module) -> int:
             count += pack_model(child)
         else:
             setattr(model, name, replacement)
-            count += sum(1 for m in replacement.modules() if isinstance(m, (PackedLinear, QuantizedLinear)))
+            count += sum(1 for m in replacement.modules() if isinstance(m, (PackedLinear, PackedInt8Linear, QuantizedLinear)))
     return count
 
 
@@ -143,4 +171,6 @@ def packed_replacement(module: nn.Module) -> nn.Module | None:
         return FusedMLP(module, gate_up, down) if gate_up is not None and down is not None else None
     if is_plain_bf16_linear(module):
         return PackedLinear(module)
+    if is_native_int8(module):  # an int8 LM head
+        return PackedInt8Linear(module)
     return None

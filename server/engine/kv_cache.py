@@ -29,6 +29,11 @@ batch shape: keys are padded with masked blocks (a masked key adds an exact 0),
 and on kernels whose small-M path differs (MKL float32 below 4 rows), query rows
 are padded up to `row_multiple` (see `find_row_multiple`). All single-token
 decodes of a step go through one batched call; each prefill chunk is one call.
+
+For bf16 on CPUs that run it, attention is instead model/native.py's paged kernel:
+one call per layer for every row of the step, reading the blocks in place through
+each row's block table (no gather copy, no masks). Its rows are independent by
+construction too, and a row computes the same in a decode step as in a prefill.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import native
 from model.config import ModelConfig
 
 NULL_BLOCK_ID = 0  # reserved: padding rows write here, padded block tables point here
@@ -265,13 +271,23 @@ class AttentionSegment:
 
 
 @dataclass
+class NativeAttentionRows:
+    """The native kernel's view of a step: each row's position and block table."""
+
+    positions: Tensor  # [num_rows] int32: the row sees keys at positions 0..this (padding: 0)
+    table_offsets: Tensor  # [num_rows] int64: where the row's block table starts in block_ids
+    block_ids: Tensor  # int32: each chunk's block table, end to end (then [null block] for padding)
+
+
+@dataclass
 class AttentionMetadata:
     """Everything `attend` needs for one step, built once per step (not per layer)."""
 
     slot_mapping: Tensor  # [num_rows] long: cache slot each row's new k/v goes to (padding -> null block)
-    segments: list[AttentionSegment]  # together they cover every real row once
+    segments: list[AttentionSegment]  # together they cover every real row once (empty with `native`)
     num_rows: int  # rows of the flattened batch, padding included
     num_real_rows: int  # rows that belong to a sequence (the rest is padding at the end)
+    native: NativeAttentionRows | None = None  # set when the native kernel attends
 
 
 @dataclass
@@ -298,6 +314,9 @@ class PagedKVCache:
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.zero_blocks([NULL_BLOCK_ID])
         self.metadata: AttentionMetadata | None = None  # set by the worker before each forward
+        self.uses_native_kernel = (dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+                                   and config.head_dim % 16 == 0 and config.head_dim <= 256
+                                   and native.paged_attention_kernel() is not None)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -336,6 +355,9 @@ class PagedKVCache:
                 slots[row + offset] = chunk.block_ids[position // self.block_size] * self.block_size + position % self.block_size
             first_rows.append(row)
             row += chunk.num_rows
+        slot_mapping = torch.tensor(slots, device=self.keys.device)
+        if self.uses_native_kernel:
+            return AttentionMetadata(slot_mapping, [], num_rows, row, self._native_rows(chunks, num_rows))
         num_decodes = 0
         while num_decodes < len(chunks) and chunks[num_decodes].num_rows == 1:
             num_decodes += 1
@@ -350,7 +372,21 @@ class PagedKVCache:
                   for offset in range(0, c.num_rows, MAX_QUERY_ROWS)]
         for group in group_by_length(pieces):
             segments.append(self._segment([c for c, _ in group], [first for _, first in group], scratch_row))
-        return AttentionMetadata(torch.tensor(slots, device=self.keys.device), segments, num_rows, row)
+        return AttentionMetadata(slot_mapping, segments, num_rows, row)
+
+    def _native_rows(self, chunks: Sequence[SequenceChunk], num_rows: int) -> NativeAttentionRows:
+        positions, offsets, block_ids = [], [], []
+        for chunk in chunks:
+            used = -(-(chunk.start_position + chunk.num_rows) // self.block_size)
+            positions += range(chunk.start_position, chunk.start_position + chunk.num_rows)
+            offsets += [len(block_ids)] * chunk.num_rows
+            block_ids += chunk.block_ids[:used]
+        padding = num_rows - len(positions)
+        offsets += [len(block_ids)] * padding
+        positions += [0] * padding
+        block_ids.append(NULL_BLOCK_ID)
+        return NativeAttentionRows(torch.tensor(positions, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64),
+                                   torch.tensor(block_ids, dtype=torch.int32))
 
     def _segment(self, chunks: Sequence[SequenceChunk], first_rows: Sequence[int], scratch_row: int) -> AttentionSegment:
         device = self.keys.device
@@ -394,6 +430,11 @@ class PagedKVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(1, meta.slot_mapping, k[0] if k.dtype == keys.dtype else k[0].to(keys.dtype))
         values.index_copy_(1, meta.slot_mapping, v[0] if v.dtype == values.dtype else v[0].to(values.dtype))
+        if meta.native is not None:  # [1, H, N, hd] -> [N, H, hd] (a view) -> the same layout back
+            rows = meta.native
+            out = native.paged_attention(q[0].transpose(0, 1), keys, values, rows.block_ids, rows.table_offsets,
+                                         rows.positions, self.block_size, self.scale)
+            return out[None].transpose(1, 2)
         segments = meta.segments
         if len(segments) == 1 and segments[0].query_index is None and meta.num_real_rows == meta.num_rows:
             return self._attend_segment(layer, q[0], segments[0])[None].transpose(1, 2)  # all decodes, no padding

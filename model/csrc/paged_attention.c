@@ -1,0 +1,130 @@
+/* Hearth's attention over a paged KV cache, for x86-64 CPUs with AVX-512: bf16 in and out.
+ *
+ * Each query row r attends, per query head h, to the keys at positions 0..positions[r]
+ * of its own sequence, found through that sequence's block table. Rows are independent:
+ * a decode row, a row of a prefill chunk and a row of a batch of 64 run the same code.
+ *
+ * Why it exists: the PyTorch path gathers each step's blocks into a dense copy, builds
+ * masks, and makes ~12 small calls per layer (two matmuls, a softmax, casts, index ops);
+ * for a few decode rows that is most of the attention time. Here one call per layer reads
+ * the blocks in place.
+ *
+ * Arithmetic: q and k widened to fp32, q . k as 16-wide FMAs over head_dim then a fixed-
+ * order lane sum, times the scale; softmax in fp32 (max, exp by a fixed polynomial, sum in
+ * key order); the output is sum_j p_j v_j in key order, divided by the sum, rounded to bf16
+ * (nearest even). It depends on nothing but the row's query, its keys and values, so a
+ * row's result is the same in any batch, in a prefill or a decode step (batch invariance
+ * and prefill/decode agreement by construction). head_dim must be a multiple of 16.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+
+static inline uint16_t to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* exp(x) for x <= 0 (scores minus their max): 2^n * 2^f with a degree-6 polynomial for 2^f,
+ * f in [-0.5, 0.5]; relative error ~2e-7. Fixed arithmetic, so the same on every call. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One (row, head): scores into `scores` (num_keys floats), then the output row. */
+static void attend_one(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int32_t *block_ids,
+                       int64_t num_keys, int head_dim, int block_size, float scale, float *scores, uint16_t *out) {
+    const int chunks = head_dim / 16;
+    __m512 qv[MAX_HEAD_DIM / 16];
+    for (int c = 0; c < chunks; c++) qv[c] = load_bf16x16(q + 16 * c);
+    float max_score = -INFINITY;
+    for (int64_t j = 0; j < num_keys; j++) {
+        const int64_t slot = (int64_t)block_ids[j / block_size] * block_size + j % block_size;
+        const uint16_t *k = keys + slot * head_dim;
+        __m512 dot = _mm512_mul_ps(qv[0], load_bf16x16(k));
+        for (int c = 1; c < chunks; c++) dot = _mm512_fmadd_ps(qv[c], load_bf16x16(k + 16 * c), dot);
+        scores[j] = _mm512_reduce_add_ps(dot) * scale;
+        max_score = scores[j] > max_score ? scores[j] : max_score;
+    }
+    /* exp in 16-key vectors (the tail masked); the sum in a fixed lane order */
+    __m512 sums = _mm512_setzero_ps();
+    const __m512 max_v = _mm512_set1_ps(max_score);
+    for (int64_t j = 0; j < num_keys; j += 16) {
+        const __mmask16 mask = j + 16 <= num_keys ? 0xffff : (__mmask16)((1u << (num_keys - j)) - 1);
+        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), max_v));
+        e = _mm512_maskz_mov_ps(mask, e);
+        _mm512_mask_storeu_ps(scores + j, mask, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    const float inverse_sum = 1.0f / _mm512_reduce_add_ps(sums);
+    __m512 acc[MAX_HEAD_DIM / 16];
+    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < num_keys; j++) {
+        const int64_t slot = (int64_t)block_ids[j / block_size] * block_size + j % block_size;
+        const uint16_t *v = values + slot * head_dim;
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(v + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < chunks; c++) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse_sum)));
+        for (int d = 0; d < 16; d++) out[16 * c + d] = to_bf16(lanes[d]);
+    }
+}
+
+/* q: [rows] x [n_heads] x head_dim (strides q_row, q_head; head_dim contiguous).
+ * keys, values: this layer's [n_kv_heads][slots][head_dim]; kv_head_stride = slots * head_dim.
+ * Row r sees positions 0..positions[r] through block_ids[table_offsets[r]...].
+ * out: [rows][n_heads][head_dim], contiguous. Returns 0, or -1 when out of memory. */
+int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *keys,
+                           const uint16_t *values, int64_t kv_head_stride, const int32_t *block_ids,
+                           const int64_t *table_offsets, const int32_t *positions, uint16_t *out, int64_t num_rows,
+                           int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int num_threads) {
+    if (head_dim % 16 || head_dim > MAX_HEAD_DIM) return -2;
+    int64_t max_keys = 1;
+    for (int64_t r = 0; r < num_rows; r++) max_keys = positions[r] + 1 > max_keys ? positions[r] + 1 : max_keys;
+    const int group = n_heads / n_kv_heads;
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = aligned_alloc(64, (size_t)((max_keys + 16) * sizeof(float) + 63) / 64 * 64);
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < num_rows; r++) {
+            for (int h = 0; h < n_heads; h++) {
+                if (!scores) continue;
+                const int64_t kv = h / group;
+                attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
+                           block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
+                           scores, out + (r * n_heads + h) * head_dim);
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,218 @@
+"""Native CPU kernels: C sources in csrc/, compiled on first use and called through ctypes.
+
+Three kernels, bf16 in and out, for what a decode step spends its time on:
+- csrc/linear_bf16.c, Y = X @ W.T with bf16 weights (server/engine/cpu_fast.py's packed linears);
+- csrc/linear_int8.c, the same with int8 weights and a scale per output row (cpu_fast.py too);
+- csrc/paged_attention.c, causal attention over the paged KV cache (server/engine/kv_cache.py).
+Why they exist and why their results are batch invariant: see the files' headers.
+
+Design choices:
+- Optional, never required: on another CPU, without a C compiler, or with
+  HEARTH_NATIVE_KERNELS=0, `load_kernel()` returns None (the reason is logged
+  once) and the callers keep PyTorch's kernels (oneDNN, `_weight_int8pack_mm`,
+  the gather-and-matmul attention).
+- Compiled with explicit ISA flags (AVX-512 F/BW/VL/BF16), not -march=native, and
+  only after /proc/cpuinfo shows those flags; the library lands in a per-user cache
+  (HEARTH_CACHE_DIR, else ~/.cache/hearth) under a name hashed from the source and
+  the flags, written to a temporary file and renamed (atomic: two processes
+  compiling at once both end with a whole library). A library already there needs
+  no compiler: `python -m model.native` builds it ahead (the Dockerfile does).
+- OpenMP: the library is linked against libgomp.so.1, and torch has already loaded
+  its own libgomp.so.1, so the loader hands the kernel that same runtime: its
+  parallel loops run on the calling thread's existing team, with the thread count
+  torch uses on that thread. A second OpenMP runtime would spin its own threads
+  against torch's on the same cores.
+- ctypes rather than a torch C++ extension: the C file compiles in under a second
+  with no torch headers, and a call costs a few microseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger("hearth.native")
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
+CPU_FLAGS_NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+TILE_ROWS = 4  # TILE_N of both C files
+BF16_CHUNK, INT8_CHUNK = 32, 16  # CHUNK_K of linear_bf16.c and linear_int8.c
+
+
+class NativeUnavailable(Exception):
+    """Why a native kernel cannot be used here (one line, logged)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEARTH_CACHE_DIR") or Path.home() / ".cache" / "hearth") / "native"
+
+
+def check_cpu() -> None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise NativeUnavailable(f"not an x86-64 Linux machine ({platform.system()} {platform.machine()})")
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        raise NativeUnavailable("cannot read the CPU flags from /proc/cpuinfo") from None
+    missing = [flag for flag in CPU_FLAGS_NEEDED if flag not in flags]
+    if missing:
+        raise NativeUnavailable(f"the CPU lacks {', '.join(missing)}")
+
+
+def compile_library(name: str) -> Path:
+    """csrc/<name>.c -> a shared library in the cache, compiled when it is not there yet."""
+    source = SOURCE_DIR / f"{name}.c"
+    flags = ["-O3", "-std=gnu11", *ISA_FLAGS, "-fopenmp", "-fPIC", "-shared"]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    library = cache_dir() / f"{name}-{digest}.so"
+    if library.is_file():  # built before (or at `docker build`): no compiler needed
+        return library
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeUnavailable("no C compiler (set CC, or install gcc)")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so.tmp")
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *flags, str(source), "-o", temporary], capture_output=True, text=True)
+        if result.returncode != 0:
+            first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+            raise NativeUnavailable(f"{compiler} could not compile {source.name}: {first_error[:200]}")
+        os.replace(temporary, library)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return library
+
+
+POINTER, INT64, INT, FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # C function -> (library, argument types, result type)
+    # x, ldx, packed w, y, ldy, M, N, K, threads
+    "hearth_linear_bf16": ("linear_bf16", [POINTER, INT64, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], None),
+    # x, ldx, packed w, scales, y, ldy, M, N, K, threads -> 0, or -1 when out of memory
+    "hearth_linear_int8": ("linear_int8", [POINTER, INT64, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], INT),
+    # q, q row stride, q head stride, keys, values, kv head stride, block ids, table offsets, positions, out,
+    # rows, heads, kv heads, head dim, block size, scale, threads -> 0, -1 (out of memory), -2 (head dim)
+    "hearth_paged_attention": ("paged_attention", [POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, POINTER,
+                                                   POINTER, POINTER, INT64, INT, INT, INT, INT, FLOAT, INT], INT),
+}
+
+
+@functools.cache
+def load_kernel(function_name: str):
+    """The C function, loaded (compiled first if need be), or None when it cannot run here."""
+    library_name, argtypes, restype = SIGNATURES[function_name]
+    if os.environ.get("HEARTH_NATIVE_KERNELS", "1") == "0":
+        logger.info("native kernels off (HEARTH_NATIVE_KERNELS=0): %s falls back to PyTorch's kernel", library_name)
+        return None
+    try:
+        check_cpu()
+        library = ctypes.CDLL(str(compile_library(library_name)))
+    except (NativeUnavailable, OSError) as error:
+        logger.warning("native %s unavailable, using PyTorch's kernel: %s", library_name, error)
+        return None
+    function = getattr(library, function_name)
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+def linear_bf16_kernel():
+    return load_kernel("hearth_linear_bf16")
+
+
+def linear_int8_kernel():
+    return load_kernel("hearth_linear_int8")
+
+
+def paged_attention_kernel():
+    return load_kernel("hearth_paged_attention")
+
+
+def pack_bf16_weight(weight: Tensor) -> Tensor:
+    """[N, K] bf16 -> the kernel's tiles [ceil(N/4), ceil(K/32), 4, 32], zero padded (a plain tensor)."""
+    out_features, in_features = weight.shape
+    padded_out = -(-out_features // TILE_ROWS) * TILE_ROWS
+    padded_in = -(-in_features // BF16_CHUNK) * BF16_CHUNK
+    padded = F.pad(weight.to(torch.bfloat16), (0, padded_in - in_features, 0, padded_out - out_features))
+    # [N', K'] -> [N'/4, 4, K'/32, 32] -> [N'/4, K'/32, 4, 32]: a tile's 4 rows chunk by chunk, front to back
+    tiles = padded.view(padded_out // TILE_ROWS, TILE_ROWS, padded_in // BF16_CHUNK, BF16_CHUNK).transpose(1, 2)
+    return tiles.contiguous()
+
+
+def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 [N, K] and [N] scales -> tiles [ceil(N/4), ceil(K/16), 4, 16] int8 and fp32 scales, zero padded."""
+    out_features, in_features = codes.shape
+    padded_out = -(-out_features // TILE_ROWS) * TILE_ROWS
+    padded_in = -(-in_features // INT8_CHUNK) * INT8_CHUNK
+    padded = F.pad(codes, (0, padded_in - in_features, 0, padded_out - out_features))
+    # [N', K'] -> [N'/4, 4, K'/16, 16] -> [N'/4, K'/16, 4, 16]: a tile's 4 rows, one cache line per chunk
+    tiles = padded.view(padded_out // TILE_ROWS, TILE_ROWS, padded_in // INT8_CHUNK, INT8_CHUNK).transpose(1, 2)
+    return tiles.contiguous(), F.pad(scales.float(), (0, padded_out - out_features)).contiguous()
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """[..., K] -> [M, K] bf16 with unit stride along K (the kernels take any row stride)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1 or rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16).contiguous()
+    return rows
+
+
+def linear_bf16(x: Tensor, packed_weight: Tensor, out_features: int) -> Tensor:
+    """x [..., K] @ W.T -> [..., N] bf16, with W packed by `pack_bf16_weight`."""
+    rows = as_rows(x)
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    linear_bf16_kernel()(rows.data_ptr(), rows.stride(0), packed_weight.data_ptr(), out.data_ptr(), out_features,
+                         rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
+    return out.view(*x.shape[:-1], out_features)
+
+
+def linear_int8(x: Tensor, packed: tuple[Tensor, Tensor], out_features: int) -> Tensor:
+    """x [..., K] @ (codes * scales).T -> [..., N] bf16, with the weight packed by `pack_int8_weight`."""
+    rows = as_rows(x)
+    tiles, scales = packed
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    status = linear_int8_kernel()(rows.data_ptr(), rows.stride(0), tiles.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                  out_features, rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"native int8 linear: no memory for a {rows.shape[0]} x {rows.shape[1]} fp32 copy of its input")
+    return out.view(*x.shape[:-1], out_features)
+
+
+def paged_attention(q: Tensor, keys: Tensor, values: Tensor, block_ids: Tensor, table_offsets: Tensor,
+                    positions: Tensor, block_size: int, scale: float) -> Tensor:
+    """Causal attention of each query row over its own sequence's cached keys (csrc/paged_attention.c).
+
+    q: [N, H, hd] bf16, head_dim contiguous (any row and head strides); keys, values: one layer's
+    [KV, slots, hd] bf16, contiguous; block_ids: int32, every row's block table end to end;
+    table_offsets: int64 [N], where row r's table starts; positions: int32 [N], row r sees
+    positions 0..positions[r]. Returns [N, H, hd] bf16.
+    """
+    num_rows, num_heads, head_dim = q.shape
+    out = torch.empty(num_rows, num_heads, head_dim, dtype=torch.bfloat16)
+    status = paged_attention_kernel()(
+        q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), keys.stride(0),
+        block_ids.data_ptr(), table_offsets.data_ptr(), positions.data_ptr(), out.data_ptr(),
+        num_rows, num_heads, keys.shape[0], head_dim, block_size, scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("native paged attention: no memory for its scores") if status == -1 else ValueError(
+            f"native paged attention: head_dim {head_dim} is not a multiple of 16 (or over 256)")
+    return out
+
+
+if __name__ == "__main__":  # build the libraries into the cache now (no CPU check: the image may run elsewhere)
+    for library_name in sorted({library for library, _, _ in SIGNATURES.values()}):
+        print(compile_library(library_name))
