@@ -1,9 +1,10 @@
 """Native CPU kernels: C sources in csrc/, compiled on first use and called through ctypes.
 
-Three kernels, bf16 in and out, for what a decode step spends its time on:
+Four kernels, bf16 in and out, for what a decode step spends its time on:
 - csrc/linear_bf16.c, Y = X @ W.T with bf16 weights (server/engine/cpu_fast.py's packed linears);
 - csrc/linear_int8.c, the same with int8 weights and a scale per output row (cpu_fast.py too);
-- csrc/paged_attention.c, causal attention over the paged KV cache (server/engine/kv_cache.py).
+- csrc/paged_attention.c, causal attention over the paged KV cache (server/engine/kv_cache.py);
+- csrc/rms_norm.c, RMSNorm in one call instead of nine small ops (cpu_fast.py).
 Why they exist and why their results are batch invariant: see the files' headers.
 
 Design choices:
@@ -108,6 +109,8 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
     # rows, heads, kv heads, head dim, block size, scale, threads -> 0, -1 (out of memory), -2 (head dim)
     "hearth_paged_attention": ("paged_attention", [POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, POINTER,
                                                    POINTER, POINTER, INT64, INT, INT, INT, INT, FLOAT, INT], INT),
+    # x, ldx, weight, y, rows, dim, eps, threads -> 0, or -2 when dim is not a multiple of 16
+    "hearth_rms_norm": ("rms_norm", [POINTER, INT64, POINTER, POINTER, INT64, INT64, FLOAT, INT], INT),
 }
 
 
@@ -139,6 +142,10 @@ def linear_int8_kernel():
 
 def paged_attention_kernel():
     return load_kernel("hearth_paged_attention")
+
+
+def rms_norm_kernel():
+    return load_kernel("hearth_rms_norm")
 
 
 def pack_bf16_weight(weight: Tensor) -> Tensor:
@@ -211,6 +218,18 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, block_ids: Tensor, 
         raise MemoryError("native paged attention: no memory for its scores") if status == -1 else ValueError(
             f"native paged attention: head_dim {head_dim} is not a multiple of 16 (or over 256)")
     return out
+
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """model.decoder.RMSNorm's forward for bf16 x [..., dim] and a bf16 weight [dim] (csrc/rms_norm.c)."""
+    rows = as_rows(x)
+    out = torch.empty(rows.shape, dtype=torch.bfloat16)
+    status = rms_norm_kernel()(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0],
+                               rows.shape[1], eps, torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"native RMSNorm: dim {rows.shape[1]} is not a multiple of 16")
+    return out.view(x.shape)
 
 
 if __name__ == "__main__":  # build the libraries into the cache now (no CPU check: the image may run elsewhere)

@@ -17,7 +17,8 @@ def native_or_skip():
         native.check_cpu()
     except native.NativeUnavailable as error:
         pytest.skip(f"the native kernels cannot run here: {error}")
-    if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.paged_attention_kernel()):
+    if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.paged_attention_kernel(),
+                native.rms_norm_kernel()):
         pytest.skip("the native kernels did not build here (see the warning logged)")
 
 
@@ -155,6 +156,25 @@ def test_native_paged_attention_refuses_a_head_dim_it_cannot_take():
     keys, values, tables = paged_setup(head_dim=24)
     with pytest.raises(ValueError, match="head_dim 24"):
         run_rows(bf16(1, 4, 24), keys, values, [(tables[0], 3)], 4, 0.2)
+
+
+def test_native_rms_norm_matches_the_model_norm():
+    """Same steps and roundings as model.decoder.RMSNorm: equal but for a last-bit tie now and then."""
+    from model.decoder import RMSNorm
+    from server.engine.cpu_fast import NativeRMSNorm, can_use_native_norm
+
+    native_or_skip()
+    norm = RMSNorm(96, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(bf16(96, seed=6))
+    x = bf16(2, 5, 96, seed=7) * 3
+    assert can_use_native_norm(norm)
+    fast, expected = NativeRMSNorm(norm)(x), norm(x)
+    assert fast.shape == expected.shape and fast.dtype == torch.bfloat16
+    assert (fast != expected).float().mean() < 0.02
+    assert ((fast.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 1e-6).all()
+    assert torch.equal(NativeRMSNorm(norm)(x[1, 3:4]), fast[1, 3:4])  # a row alone: the same bits
+    assert not can_use_native_norm(RMSNorm(96, 1e-5))  # float32: left to the reference
 
 
 def test_native_linear_takes_any_leading_shape_and_row_stride():

@@ -24,6 +24,8 @@ Design choices:
   matmul each (`QuantizedLinear.stacked`: each output column still reads only
   its own row, scales and zeros), so a quantized model also makes 4 calls per
   layer instead of 7.
+- RMSNorm (25 calls a step, nine small ops each) becomes one native call where
+  the kernel runs, with model.decoder.RMSNorm's steps and roundings.
 - The fused modules keep model.decoder's call signatures, so `Transformer`
   runs them unchanged; their forward mirrors the original's few lines.
 """
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import native
-from model.decoder import MLP, Attention, KVCache, apply_rope
+from model.decoder import MLP, Attention, KVCache, RMSNorm, apply_rope
 from model.quant import QuantizedLinear
 
 
@@ -149,6 +151,23 @@ class FusedMLP(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class NativeRMSNorm(nn.Module):
+    """model.decoder.RMSNorm in one native call (same steps and roundings, its own sum order)."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps, self.weight = norm.eps, norm.weight.detach().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return native.rms_norm(x, self.weight, self.eps)
+
+
+def can_use_native_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is RMSNorm and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.shape[0] % 16 == 0 and native.rms_norm_kernel() is not None)
+
+
 def pack_model(model: nn.Module) -> int:
     """Swap in the fused, packed modules wherever the layers are plain bf16 -> packed matmuls made."""
     count = 0
@@ -173,4 +192,6 @@ def packed_replacement(module: nn.Module) -> nn.Module | None:
         return PackedLinear(module)
     if is_native_int8(module):  # an int8 LM head
         return PackedInt8Linear(module)
+    if can_use_native_norm(module):
+        return NativeRMSNorm(module)
     return None
