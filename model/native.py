@@ -3,7 +3,8 @@
 Four kernels, bf16 in and out, for what a decode step spends its time on:
 - csrc/linear_bf16.c, Y = X @ W.T with bf16 weights (server/engine/cpu_fast.py's packed linears);
 - csrc/linear_int8.c, the same with int8 weights and a scale per output row (cpu_fast.py too);
-- csrc/paged_attention.c, causal attention over the paged KV cache (server/engine/kv_cache.py);
+- csrc/paged_attention.c, causal attention over the paged KV cache, and the rotary embedding
+  with the KV cache write before it (server/engine/kv_cache.py);
 - csrc/rms_norm.c, RMSNorm in one call instead of nine small ops (cpu_fast.py).
 Why they exist and why their results are batch invariant: see the files' headers.
 
@@ -109,6 +110,9 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
     # rows, heads, kv heads, head dim, block size, scale, threads -> 0, -1 (out of memory), -2 (head dim)
     "hearth_paged_attention": ("paged_attention", [POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, POINTER,
                                                    POINTER, POINTER, INT64, INT, INT, INT, INT, FLOAT, INT], INT),
+    # qkv, row stride, cos, sin, rows, heads, kv heads, head dim, keys, values, kv head stride, slots, threads
+    "hearth_rope_write_kv": ("paged_attention", [POINTER, INT64, POINTER, POINTER, INT64, INT, INT, INT, POINTER,
+                                                 POINTER, INT64, POINTER, INT], None),
     # x, ldx, weight, y, rows, dim, eps, threads -> 0, or -2 when dim is not a multiple of 16
     "hearth_rms_norm": ("rms_norm", [POINTER, INT64, POINTER, POINTER, INT64, INT64, FLOAT, INT], INT),
 }
@@ -142,6 +146,10 @@ def linear_int8_kernel():
 
 def paged_attention_kernel():
     return load_kernel("hearth_paged_attention")
+
+
+def rope_write_kv_kernel():
+    return load_kernel("hearth_rope_write_kv")
 
 
 def rms_norm_kernel():
@@ -219,6 +227,19 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, block_ids: Tensor, 
             f"native paged attention: head_dim {head_dim} is not a multiple of 16 (or over 256)")
     return out
 
+
+
+def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int,
+                  keys: Tensor, values: Tensor, slots: Tensor) -> None:
+    """Rotate the q and k heads of qkv in place, then store k and v at `slots` (csrc/paged_attention.c).
+
+    qkv: [N, (H + 2 KV) * hd] bf16, unit stride along a row; cos, sin: [N, hd] bf16, contiguous;
+    keys, values: one layer's [KV, slots, hd] bf16, contiguous; slots: int64 [N].
+    """
+    head_dim = keys.shape[-1]
+    rope_write_kv_kernel()(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), qkv.shape[0], num_heads,
+                           num_kv_heads, head_dim, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+                           slots.data_ptr(), torch.get_num_threads())
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -18,7 +18,7 @@ def native_or_skip():
     except native.NativeUnavailable as error:
         pytest.skip(f"the native kernels cannot run here: {error}")
     if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.paged_attention_kernel(),
-                native.rms_norm_kernel()):
+                native.rms_norm_kernel(), native.rope_write_kv_kernel()):
         pytest.skip("the native kernels did not build here (see the warning logged)")
 
 
@@ -175,6 +175,30 @@ def test_native_rms_norm_matches_the_model_norm():
     assert ((fast.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 1e-6).all()
     assert torch.equal(NativeRMSNorm(norm)(x[1, 3:4]), fast[1, 3:4])  # a row alone: the same bits
     assert not can_use_native_norm(RMSNorm(96, 1e-5))  # float32: left to the reference
+
+
+def test_native_rope_gives_apply_ropes_bits_and_writes_k_and_v_to_their_slots():
+    from model.config import ModelConfig
+    from model.decoder import Transformer, apply_rope
+
+    native_or_skip()
+    heads, kv_heads, head_dim, rows = 4, 2, 32, 6
+    config = ModelConfig(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, ffn_dim=64, vocab_size=16)
+    positions = torch.tensor([[0, 5, 6, 7, 300, 41]])
+    cos, sin = Transformer(config).to(torch.bfloat16).rope(positions)  # [1, 1, rows, hd] each
+    qkv = bf16(rows, (heads + 2 * kv_heads) * head_dim, seed=8)
+    # the reference: [rows, H + 2 KV, hd] -> rotate the q and k heads with apply_rope's [B, H, T, hd] layout
+    by_head = qkv.view(rows, heads + 2 * kv_heads, head_dim)
+    expected = apply_rope(by_head[:, :heads + kv_heads].transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+    keys, values = torch.zeros(2, kv_heads, 40, head_dim, dtype=torch.bfloat16)
+    slots = torch.tensor([3, 9, 10, 11, 39, 0])
+    rotated = qkv.clone()
+    native.rope_write_kv(rotated, cos[0, 0], sin[0, 0], heads, kv_heads, keys, values, slots)
+    rotated = rotated.view(rows, heads + 2 * kv_heads, head_dim)
+    assert torch.equal(rotated[:, :heads + kv_heads], expected)
+    assert torch.equal(rotated[:, heads + kv_heads:], by_head[:, heads + kv_heads:])  # v untouched
+    assert torch.equal(keys[:, slots], rotated[:, heads:heads + kv_heads].transpose(0, 1))
+    assert torch.equal(values[:, slots], by_head[:, heads + kv_heads:].transpose(0, 1))
 
 
 def test_native_linear_takes_any_leading_shape_and_row_stride():

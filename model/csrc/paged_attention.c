@@ -32,6 +32,15 @@ static inline uint16_t to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
+static inline float bf16_to_float(uint16_t value) {
+    const uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+static inline float round_bf16(float value) { return bf16_to_float(to_bf16(value)); }
+
 static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
@@ -127,4 +136,39 @@ int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, con
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* Rotary embedding on the q and k heads of a qkv projection, in place, then k and v into the cache.
+ *
+ * qkv: [rows][(n_heads + 2 n_kv_heads) * head_dim] bf16, row stride ld (q heads, k heads, v heads);
+ * cos, sin: [rows][head_dim] bf16 (model.decoder.Transformer.rope: the halves repeated);
+ * keys, values: this layer's [n_kv_heads][slots][head_dim]; slots[r]: where row r's k and v go.
+ * x' = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), rounded to bf16 after each
+ * multiply and after the sum, as the bf16 ops of model.decoder.apply_rope do: the same bits. */
+void hearth_rope_write_kv(uint16_t *qkv, int64_t ld, const uint16_t *cos, const uint16_t *sin, int64_t num_rows,
+                          int n_heads, int n_kv_heads, int head_dim, uint16_t *keys, uint16_t *values,
+                          int64_t kv_head_stride, const int64_t *slots, int num_threads) {
+    const int half = head_dim / 2;
+    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows > 16)
+    for (int64_t r = 0; r < num_rows; r++) {
+        uint16_t *row = qkv + r * ld;
+        const uint16_t *c = cos + r * head_dim, *s = sin + r * head_dim;
+        for (int h = 0; h < n_heads + n_kv_heads; h++) {
+            uint16_t *x = row + h * head_dim;
+            for (int d = 0; d < half; d++) {
+                const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[d + half]);
+                const float first = round_bf16(round_bf16(x1 * bf16_to_float(c[d])) +
+                                               round_bf16(-x2 * bf16_to_float(s[d])));
+                const float second = round_bf16(round_bf16(x2 * bf16_to_float(c[d + half])) +
+                                                round_bf16(x1 * bf16_to_float(s[d + half])));
+                x[d] = to_bf16(first);
+                x[d + half] = to_bf16(second);
+            }
+        }
+        for (int h = 0; h < n_kv_heads; h++) {
+            memcpy(keys + h * kv_head_stride + slots[r] * head_dim, row + (n_heads + h) * head_dim, head_dim * 2);
+            memcpy(values + h * kv_head_stride + slots[r] * head_dim, row + (n_heads + n_kv_heads + h) * head_dim,
+                   head_dim * 2);
+        }
+    }
 }

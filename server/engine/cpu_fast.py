@@ -123,6 +123,10 @@ class FusedAttention(nn.Module):
                 cache: KVCache | None, layer: int) -> Tensor:
         batch, seq_len, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
+        if getattr(cache, "uses_native_kernel", False) and batch == 1:  # the engine's paged cache, bf16
+            cos, sin = (t[0, 0] for t in rope)  # [1, 1, T, hd] -> [T, hd]
+            out = cache.attend_qkv(layer, self.qkv(x[0]), cos, sin, heads)  # [T, H * hd]
+            return self.o(out)[None]
         # [B, T, (H + 2 KV) * hd] -> [B, T, H + 2 KV, hd]; rotate q and k heads in one go
         qkv = self.qkv(x).view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
         cos, sin = (t.transpose(1, 2) for t in rope)  # [B, 1, T, hd] -> [B, T, 1, hd]

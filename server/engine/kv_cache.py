@@ -316,7 +316,8 @@ class PagedKVCache:
         self.metadata: AttentionMetadata | None = None  # set by the worker before each forward
         self.uses_native_kernel = (dtype == torch.bfloat16 and torch.device(device).type == "cpu"
                                    and config.head_dim % 16 == 0 and config.head_dim <= 256
-                                   and native.paged_attention_kernel() is not None)
+                                   and native.paged_attention_kernel() is not None
+                                   and native.rope_write_kv_kernel() is not None)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -446,6 +447,23 @@ class PagedKVCache:
             else:
                 out.index_copy_(0, segment.output_index, segment_out)
         return out[:meta.num_rows][None].transpose(1, 2)
+
+    def attend_qkv(self, layer: int, qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
+        """The native path from the fused qkv projection: rotary, cache write and attention in two calls.
+
+        qkv: [N, (H + 2 KV) * hd] bf16; cos, sin: [N, hd] bf16 -> [N, H * hd] (a view of [N, H, hd]).
+        Only when `uses_native_kernel` (then `metadata.native` is set); the same bits as `attend`
+        after model.decoder.apply_rope.
+        """
+        meta = self.metadata
+        keys, values = self.keys[layer], self.values[layer]
+        native.rope_write_kv(qkv, cos, sin, num_heads, self.n_kv_heads, keys, values, meta.slot_mapping)
+        rows = meta.native
+        # [N, (H + 2 KV) * hd] -> [N, H + 2 KV, hd] -> the q heads [N, H, hd] (a view)
+        q = qkv.view(qkv.shape[0], -1, self.head_dim)[:, :num_heads]
+        out = native.paged_attention(q, keys, values, rows.block_ids, rows.table_offsets, rows.positions,
+                                     self.block_size, self.scale)
+        return out.view(qkv.shape[0], -1)
 
     def _attend_segment(self, layer: int, q: Tensor, segment: AttentionSegment) -> Tensor:
         """q: [H, N, hd] (all rows) -> [seqs * rows of the segment, H, hd]."""
