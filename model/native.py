@@ -93,6 +93,7 @@ def compile_library(name: str) -> Path:
         if result.returncode != 0:
             first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
             raise NativeUnavailable(f"{compiler} could not compile {source.name}: {first_error[:200]}")
+        os.chmod(temporary, 0o755)  # mkstemp makes it 0600: other users (the image's server) must load it too
         os.replace(temporary, library)
     finally:
         if os.path.exists(temporary):

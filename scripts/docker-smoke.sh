@@ -110,6 +110,13 @@ for _ in $(seq 30); do
 done
 echo "docker HEALTHCHECK: $health"
 [[ $health == healthy ]] || fail "docker health status is $health"
+# The image compiles the native kernels at build time; on a CPU that runs them, the server must load them.
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+    if docker logs "$container" 2>&1 | grep -E 'native .* unavailable'; then
+        fail "the server could not load the native kernels built into the image"
+    fi
+    echo "native kernels: loaded"
+fi
 
 log "SIGTERM: graceful stop"
 compose stop server

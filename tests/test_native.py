@@ -238,6 +238,7 @@ def test_compiled_library_is_cached_and_reused(fresh_kernel_cache):
     assert first.parent == fresh_kernel_cache / "native" and first.suffix == ".so"
     assert native.compile_library("linear_bf16") == first and first.stat().st_mtime_ns == stamp
     assert not list(first.parent.glob("*.tmp"))  # the temporary file was renamed, not left behind
+    assert first.stat().st_mode & 0o044 == 0o044  # readable by other users (the Docker image's server)
 
 
 def test_switched_off_it_falls_back_to_onednn(fresh_kernel_cache, monkeypatch, caplog):

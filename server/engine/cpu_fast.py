@@ -111,7 +111,8 @@ def fused_linear(*linears: nn.Module) -> nn.Module | None:
 
 
 class FusedAttention(nn.Module):
-    """model.decoder.Attention with q, k, v computed by one matmul."""
+    """model.decoder.Attention with q, k, v computed by one matmul. On the engine's paged cache with
+    the native kernels (bf16), rotary, the cache write and attention are two native calls."""
 
     def __init__(self, attention: Attention, qkv: nn.Module, o: nn.Module):
         super().__init__()
@@ -123,7 +124,7 @@ class FusedAttention(nn.Module):
                 cache: KVCache | None, layer: int) -> Tensor:
         batch, seq_len, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        if getattr(cache, "uses_native_kernel", False) and batch == 1:  # the engine's paged cache, bf16
+        if getattr(cache, "uses_native_kernel", False) and batch == 1 and rope[0].dtype == torch.bfloat16:
             cos, sin = (t[0, 0] for t in rope)  # [1, 1, T, hd] -> [T, hd]
             out = cache.attend_qkv(layer, self.qkv(x[0]), cos, sin, heads)  # [T, H * hd]
             return self.o(out)[None]
