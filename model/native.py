@@ -75,10 +75,11 @@ def check_cpu() -> None:
 
 
 def compile_library(name: str) -> Path:
-    """csrc/<name>.c -> a shared library in the cache, compiled when it is not there yet."""
+    """csrc/<name>.c (with csrc/*.h) -> a shared library in the cache, compiled when it is not there yet."""
     source = SOURCE_DIR / f"{name}.c"
     flags = ["-O3", "-std=gnu11", *ISA_FLAGS, "-fopenmp", "-fPIC", "-shared"]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
     library = cache_dir() / f"{name}-{digest}.so"
     if library.is_file():  # built before (or at `docker build`): no compiler needed
         return library

@@ -16,6 +16,8 @@
  * tiling over M only changes which accumulators share a loop, so a row's result
  * is the same whatever else is in the batch (batch invariance by construction).
  */
+#include "bf16.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,14 +25,6 @@
 #define TILE_N 4
 #define CHUNK_K 32
 #define BLOCK_TILES 16 /* 64 weight rows: 96 KB at K = 768 */
-
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 #define LOAD_W(w)                                                                      \
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32), \

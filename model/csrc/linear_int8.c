@@ -11,6 +11,8 @@
  * order lane sum, times scale[n], rounded to bf16 (nearest even). Nothing else in the batch
  * takes part, so a row's result does not depend on the row count (batch invariance).
  */
+#include "bf16.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,14 +21,6 @@
 #define TILE_N 4
 #define CHUNK_K 16
 #define BLOCK_TILES 16
-
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 #define LOAD_W(w)                                                                                   \
     __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w))));      \

@@ -16,6 +16,8 @@
  * row's result is the same in any batch, in a prefill or a decode step (batch invariance
  * and prefill/decode agreement by construction). head_dim must be a multiple of 16.
  */
+#include "bf16.h"
+
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -24,26 +26,7 @@
 
 #define MAX_HEAD_DIM 256
 
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float bf16_to_float(uint16_t value) {
-    const uint32_t bits = (uint32_t)value << 16;
-    float result;
-    memcpy(&result, &bits, sizeof result);
-    return result;
-}
-
 static inline float round_bf16(float value) { return bf16_to_float(to_bf16(value)); }
-
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* exp(x) for x <= 0 (scores minus their max): 2^n * 2^f with a degree-6 polynomial for 2^f,
  * f in [-0.5, 0.5]; relative error ~2e-7. Fixed arithmetic, so the same on every call. */

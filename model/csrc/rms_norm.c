@@ -8,14 +8,12 @@
  * fixed order (16 lanes over the row, then a fixed lane sum), so a row's result depends
  * on that row only. dim must be a multiple of 16.
  */
+#include "bf16.h"
+
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* fp32 -> bf16, round to nearest even (NaN stays NaN), 16 lanes. */
 static inline __m256i to_bf16x16(__m512 v) {
