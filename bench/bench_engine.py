@@ -118,12 +118,12 @@ def native_kernels(enabled: bool):
 
     saved = os.environ.get("HEARTH_NATIVE_KERNELS")
     os.environ["HEARTH_NATIVE_KERNELS"] = "1" if enabled else "0"
-    native.load_kernel.cache_clear()
+    native.forget_kernels()
     try:
         yield
     finally:
         os.environ.pop("HEARTH_NATIVE_KERNELS") if saved is None else os.environ.update(HEARTH_NATIVE_KERNELS=saved)
-        native.load_kernel.cache_clear()
+        native.forget_kernels()
 
 
 def bench_engine(path: Path, dtype_name: str, concurrency: list[int], args, tokenizer_out: list) -> list[dict]:

@@ -121,21 +121,35 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
 
 
 @functools.cache
-def load_kernel(function_name: str):
-    """The C function, loaded (compiled first if need be), or None when it cannot run here."""
-    library_name, argtypes, restype = SIGNATURES[function_name]
+def load_library(library_name: str) -> ctypes.CDLL | None:
+    """csrc/<library_name>.c, compiled if need be and loaded, or None (the reason logged once)."""
     if os.environ.get("HEARTH_NATIVE_KERNELS", "1") == "0":
         logger.info("native kernels off (HEARTH_NATIVE_KERNELS=0): %s falls back to PyTorch's kernel", library_name)
         return None
     try:
         check_cpu()
-        library = ctypes.CDLL(str(compile_library(library_name)))
+        return ctypes.CDLL(str(compile_library(library_name)))
     except (NativeUnavailable, OSError) as error:
         logger.warning("native %s unavailable, using PyTorch's kernel: %s", library_name, error)
+        return None
+
+
+@functools.cache
+def load_kernel(function_name: str):
+    """The C function, with its argument types set, or None when its library cannot run here."""
+    library_name, argtypes, restype = SIGNATURES[function_name]
+    library = load_library(library_name)
+    if library is None:
         return None
     function = getattr(library, function_name)
     function.argtypes, function.restype = argtypes, restype
     return function
+
+
+def forget_kernels() -> None:
+    """Drop what was loaded (or refused), so the next call looks again (tests, benchmarks)."""
+    load_kernel.cache_clear()
+    load_library.cache_clear()
 
 
 def linear_bf16_kernel():

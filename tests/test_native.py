@@ -26,9 +26,9 @@ def native_or_skip():
 def fresh_kernel_cache(monkeypatch, tmp_path):
     """An empty compile cache and a forgotten kernel; the real one comes back afterwards."""
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
-    native.load_kernel.cache_clear()
+    native.forget_kernels()
     yield tmp_path
-    native.load_kernel.cache_clear()
+    native.forget_kernels()
 
 
 def bf16(*shape, seed=0):
