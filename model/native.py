@@ -196,19 +196,27 @@ def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
 
 def as_rows(x: Tensor) -> Tensor:
     """[..., K] -> [M, K] bf16 with unit stride along K (the kernels take any row stride)."""
+    if x.dim() == 2 and x.dtype is torch.bfloat16 and x.stride(1) == 1:  # the engine's usual case: as it is
+        return x
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1 or rows.dtype != torch.bfloat16:
         rows = rows.to(torch.bfloat16).contiguous()
     return rows
 
 
+def as_input_shape(out: Tensor, x: Tensor) -> Tensor:
+    """[M, N] -> x's leading dimensions and N."""
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+
 def linear_bf16(x: Tensor, packed_weight: Tensor, out_features: int) -> Tensor:
     """x [..., K] @ W.T -> [..., N] bf16, with W packed by `pack_bf16_weight`."""
     rows = as_rows(x)
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    linear_bf16_kernel()(rows.data_ptr(), rows.stride(0), packed_weight.data_ptr(), out.data_ptr(), out_features,
-                         rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
-    return out.view(*x.shape[:-1], out_features)
+    num_rows, in_features = rows.shape
+    out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
+    load_kernel("hearth_linear_bf16")(rows.data_ptr(), rows.stride(0), packed_weight.data_ptr(), out.data_ptr(),
+                                      out_features, num_rows, out_features, in_features, torch.get_num_threads())
+    return as_input_shape(out, x)
 
 
 def linear_int8(x: Tensor, packed: tuple[Tensor, Tensor], out_features: int) -> Tensor:
@@ -220,7 +228,7 @@ def linear_int8(x: Tensor, packed: tuple[Tensor, Tensor], out_features: int) -> 
                                   out_features, rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"native int8 linear: no memory for a {rows.shape[0]} x {rows.shape[1]} fp32 copy of its input")
-    return out.view(*x.shape[:-1], out_features)
+    return as_input_shape(out, x)
 
 
 def paged_attention(q: Tensor, keys: Tensor, values: Tensor, block_ids: Tensor, table_offsets: Tensor,
@@ -266,7 +274,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
                                rows.shape[1], eps, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"native RMSNorm: dim {rows.shape[1]} is not a multiple of 16")
-    return out.view(x.shape)
+    return as_input_shape(out, x)
 
 
 if __name__ == "__main__":  # build the libraries into the cache now (no CPU check: the image may run elsewhere)

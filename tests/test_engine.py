@@ -12,7 +12,7 @@ from model.checkpoint import load_checkpoint
 from model.decoder import DenseKVCache
 from model.generate import GenerationSettings, generate
 from server.engine import Engine, EngineConfig
-from server.engine.cpu_fast import can_pack, pack_model
+from server.engine.cpu_fast import FusedBlock, can_pack, pack_model
 from server.engine.types import (
     ContextOverflowError,
     GenerationRequest,
@@ -313,6 +313,7 @@ def test_packed_fused_model_matches_the_plain_one(tiny_model_dir):
     plain = load_checkpoint(tiny_model_dir, dtype=torch.bfloat16).model
     packed = copy.deepcopy(plain)
     assert pack_model(packed) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the (tied) LM head
+    assert all(isinstance(layer, FusedBlock) for layer in packed.layers)
     tokens = torch.randint(0, plain.config.vocab_size, (1, 37))
     with torch.inference_mode():
         for rows in (1, 5, 37):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import native
-from model.decoder import MLP, Attention, KVCache, RMSNorm, apply_rope
+from model.decoder import MLP, Attention, Block, KVCache, RMSNorm, apply_rope
 from model.quant import QuantizedLinear
 
 
@@ -126,8 +126,8 @@ class FusedAttention(nn.Module):
         heads, kv_heads = self.n_heads, self.n_kv_heads
         if getattr(cache, "uses_native_kernel", False) and batch == 1 and rope[0].dtype == torch.bfloat16:
             cos, sin = (t[0, 0] for t in rope)  # [1, 1, T, hd] -> [T, hd]
-            out = cache.attend_qkv(layer, self.qkv(x[0]), cos, sin, heads)  # [T, H * hd]
-            return self.o(out)[None]
+            out = cache.attend_qkv(layer, self.qkv.forward(x[0]), cos, sin, heads)  # [T, H * hd]
+            return self.o.forward(out)[None]
         # [B, T, (H + 2 KV) * hd] -> [B, T, H + 2 KV, hd]; rotate q and k heads in one go
         qkv = self.qkv(x).view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
         cos, sin = (t.transpose(1, 2) for t in rope)  # [B, 1, T, hd] -> [B, T, 1, hd]
@@ -152,8 +152,8 @@ class FusedMLP(nn.Module):
         self.gate_up, self.down = gate_up, down
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).split(self.ffn_dim, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = self.gate_up.forward(x).split(self.ffn_dim, dim=-1)
+        return self.down.forward(F.silu(gate) * up)
 
 
 class NativeRMSNorm(nn.Module):
@@ -173,6 +173,24 @@ def can_use_native_norm(module: nn.Module) -> bool:
             and weight.shape[0] % 16 == 0 and native.rms_norm_kernel() is not None)
 
 
+class FusedBlock(nn.Module):
+    """model.decoder.Block over the fused modules, calling their `forward` directly.
+
+    Why: nn.Module.__call__ costs ~2.5 us (hook bookkeeping) and a decode step made ~110 such
+    calls; nothing registers hooks on the engine's swapped-in modules. The fused attention and
+    MLP call their matmuls' `forward` directly too.
+    """
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.layer = block.layer
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = block.attn_norm, block.attn, block.mlp_norm, block.mlp
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache: KVCache | None) -> Tensor:
+        x = x + self.attn.forward(self.attn_norm.forward(x), rope, positions, cache, self.layer)
+        return x + self.mlp.forward(self.mlp_norm.forward(x))
+
+
 def pack_model(model: nn.Module) -> int:
     """Swap in the fused, packed modules wherever the layers are plain bf16 -> packed matmuls made."""
     count = 0
@@ -180,6 +198,8 @@ def pack_model(model: nn.Module) -> int:
         replacement = packed_replacement(child)
         if replacement is None:
             count += pack_model(child)
+            if type(child) is Block and isinstance(child.attn, FusedAttention) and isinstance(child.mlp, FusedMLP):
+                setattr(model, name, FusedBlock(child))
         else:
             setattr(model, name, replacement)
             count += sum(1 for m in replacement.modules() if isinstance(m, (PackedLinear, PackedInt8Linear, QuantizedLinear)))
