@@ -299,7 +299,21 @@ def test_engine_serves_quantized_checkpoints(trained, tmp_path, method, group_si
     finally:
         engine.shutdown()
     for prompt, tokens in zip(prompts, served):
-        assert tokens == list(generate(model, prompt, GenerationSettings(max_tokens=10, temperature=0)))
+        assert_greedy_matches_reference_up_to_ties(model, prompt, tokens)
+
+
+def assert_greedy_matches_reference_up_to_ties(model, prompt, tokens, tolerance=0.05):
+    """The engine's own kernels sum in other orders than the reference model's, so in bf16 a greedy
+    choice may differ where the reference's top two logits are within rounding of each other. Anywhere
+    else the tokens must be the reference's."""
+    reference = list(generate(model, prompt, GenerationSettings(max_tokens=len(tokens), temperature=0)))
+    if tokens == reference:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + reference[:first]]))[0, -1].float()
+    gap = float(logits[reference[first]] - logits[tokens[first]])
+    assert gap < tolerance, f"token {first}: {tokens[first]} instead of {reference[first]}, logit gap {gap:.3f}"
 
 
 def test_sizes_on_disk(trained, tmp_path):
