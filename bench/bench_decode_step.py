@@ -14,6 +14,9 @@ Two measurements behind README's Engine section:
   sampling; then the same steps with every packed linear replaced by an empty output of its shape,
   which leaves the rest of the body (norms, rotary, paged attention) alone.
 
+Two more parts, on demand: `--part attention` times the native paged attention alone (decode rows over
+cached keys), `--part calls` the fixed Python cost of a native call and of nn.Module.__call__.
+
 Not a test; nothing asserts. Rows of one run compare; this shared machine varies by up to 20%.
 """
 
@@ -93,6 +96,43 @@ def kernel_rows() -> list[tuple[str, float, float]]:
     return rows
 
 
+def attention_rows() -> list[tuple[str, float]]:
+    """(case, ms for 12 layers) of the native paged attention: `small`'s 12 heads of 64, blocks of 16."""
+    from model import native
+
+    heads, head_dim, block_size, rows = 12, 64, 16, []
+    for num_keys, num_seqs in ((100, 1), (1500, 1), (100, 16), (500, 16)):
+        blocks_per_seq = -(-num_keys // block_size)
+        cache_blocks = num_seqs * blocks_per_seq + 1  # block 0: the null block
+        keys = torch.randn(heads, cache_blocks * block_size, head_dim, dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        block_ids = torch.arange(1, cache_blocks, dtype=torch.int32)  # sequence s owns the s-th run of blocks
+        offsets = torch.arange(num_seqs, dtype=torch.int64) * blocks_per_seq
+        positions = torch.full((num_seqs,), num_keys - 1, dtype=torch.int32)
+        q = torch.randn(num_seqs, heads, head_dim, dtype=torch.bfloat16)
+        seconds = time_per_call(lambda: native.paged_attention(q, keys, values, block_ids, offsets, positions,
+                                                               block_size, head_dim ** -0.5), 50)
+        rows.append((f"{num_seqs} decode row(s) over {num_keys} keys", seconds * 12e3))
+    return rows
+
+
+def call_rows() -> list[tuple[str, float]]:
+    """(call, us): the fixed cost of the Python around a tiny native matmul, and of nn.Module.__call__."""
+    from model import native
+    from server.engine.cpu_fast import PackedLinear
+
+    layer = PackedLinear(torch.nn.Linear(64, 8, bias=False).to(torch.bfloat16))
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    kernel, out = native.linear_bf16_kernel(), torch.empty(1, 8, dtype=torch.bfloat16)
+    weight_pointer = layer.packed_weight.data_ptr()
+    calls = [("native linear, the C call alone (8 x 64)",
+              lambda: kernel(x.data_ptr(), 64, weight_pointer, out.data_ptr(), 8, 1, 8, 64, torch.get_num_threads())),
+             ("native linear through model/native.py", lambda: native.linear_bf16(x, layer.packed_weight, 8)),
+             ("the same module, layer.forward(x)", lambda: layer.forward(x)),
+             ("the same module, layer(x) (nn.Module.__call__)", lambda: layer(x))]
+    return [(name, time_per_call(fn, 20000) * 1e6) for name, fn in calls]
+
+
 def step_rows(checkpoint: Path, steps: int) -> list[tuple[str, float]]:
     """(part of a single-stream decode step, ms)."""
     from server.engine import Engine, EngineConfig
@@ -159,7 +199,8 @@ def decode_steps(engine, steps: int, timings: dict[str, float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("both", "kernels", "step"), default="both")
+    parser.add_argument("--part", choices=("both", "kernels", "step", "attention", "calls"), default="both",
+                        help="both: kernels and step; attention and calls need the native kernels")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a bf16 checkpoint (default: random `small`)")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
@@ -169,6 +210,16 @@ def main() -> None:
         print("\n| kernel, 12 layers of `small`, 1 row | ms | GB/s |\n|---|---|---|")
         for kind, ms, gb_s in rows:
             print(f"| {kind} | {ms:.2f} | {gb_s:.1f} |")
+    if args.part == "attention":
+        rows = run_in_fresh_thread(attention_rows)
+        print("\n| native paged attention, `small` heads | ms for 12 layers |\n|---|---|")
+        for case, ms in rows:
+            print(f"| {case} | {ms:.2f} |")
+    if args.part == "calls":
+        rows = run_in_fresh_thread(call_rows)
+        print("\n| call | us |\n|---|---|")
+        for name, us in rows:
+            print(f"| {name} | {us:.2f} |")
     if args.part in ("both", "step"):
         import tempfile
 

@@ -122,7 +122,10 @@ def native_kernels(enabled: bool):
     try:
         yield
     finally:
-        os.environ.pop("HEARTH_NATIVE_KERNELS") if saved is None else os.environ.update(HEARTH_NATIVE_KERNELS=saved)
+        if saved is None:
+            del os.environ["HEARTH_NATIVE_KERNELS"]
+        else:
+            os.environ["HEARTH_NATIVE_KERNELS"] = saved
         native.forget_kernels()
 
 

@@ -172,26 +172,29 @@ def rms_norm_kernel():
     return load_kernel("hearth_rms_norm")
 
 
-def pack_bf16_weight(weight: Tensor) -> Tensor:
-    """[N, K] bf16 -> the kernel's tiles [ceil(N/4), ceil(K/32), 4, 32], zero padded (a plain tensor)."""
-    out_features, in_features = weight.shape
+def pack_tiles(matrix: Tensor, chunk: int) -> Tensor:
+    """[N, K] -> [ceil(N/4), ceil(K/chunk), 4, chunk], zero padded: the layout both linear kernels read.
+
+    A tile's 4 rows go chunk by chunk, front to back, so a thread streams its weights in order."""
+    out_features, in_features = matrix.shape
     padded_out = -(-out_features // TILE_ROWS) * TILE_ROWS
-    padded_in = -(-in_features // BF16_CHUNK) * BF16_CHUNK
-    padded = F.pad(weight.to(torch.bfloat16), (0, padded_in - in_features, 0, padded_out - out_features))
-    # [N', K'] -> [N'/4, 4, K'/32, 32] -> [N'/4, K'/32, 4, 32]: a tile's 4 rows chunk by chunk, front to back
-    tiles = padded.view(padded_out // TILE_ROWS, TILE_ROWS, padded_in // BF16_CHUNK, BF16_CHUNK).transpose(1, 2)
+    padded_in = -(-in_features // chunk) * chunk
+    padded = F.pad(matrix, (0, padded_in - in_features, 0, padded_out - out_features))
+    # [N', K'] -> [N'/4, 4, K'/chunk, chunk] -> [N'/4, K'/chunk, 4, chunk]
+    tiles = padded.view(padded_out // TILE_ROWS, TILE_ROWS, padded_in // chunk, chunk).transpose(1, 2)
     return tiles.contiguous()
 
 
+def pack_bf16_weight(weight: Tensor) -> Tensor:
+    """[N, K] bf16 -> csrc/linear_bf16.c's tiles (32 columns a chunk), a plain tensor."""
+    return pack_tiles(weight.to(torch.bfloat16), BF16_CHUNK)
+
+
 def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 [N, K] and [N] scales -> tiles [ceil(N/4), ceil(K/16), 4, 16] int8 and fp32 scales, zero padded."""
-    out_features, in_features = codes.shape
-    padded_out = -(-out_features // TILE_ROWS) * TILE_ROWS
-    padded_in = -(-in_features // INT8_CHUNK) * INT8_CHUNK
-    padded = F.pad(codes, (0, padded_in - in_features, 0, padded_out - out_features))
-    # [N', K'] -> [N'/4, 4, K'/16, 16] -> [N'/4, K'/16, 4, 16]: a tile's 4 rows, one cache line per chunk
-    tiles = padded.view(padded_out // TILE_ROWS, TILE_ROWS, padded_in // INT8_CHUNK, INT8_CHUNK).transpose(1, 2)
-    return tiles.contiguous(), F.pad(scales.float(), (0, padded_out - out_features)).contiguous()
+    """int8 [N, K] and [N] scales -> csrc/linear_int8.c's tiles (16 columns, one cache line a chunk)
+    and fp32 scales padded to the tiles' rows."""
+    padded_out = -(-codes.shape[0] // TILE_ROWS) * TILE_ROWS
+    return pack_tiles(codes, INT8_CHUNK), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -214,8 +217,8 @@ def linear_bf16(x: Tensor, packed_weight: Tensor, out_features: int) -> Tensor:
     rows = as_rows(x)
     num_rows, in_features = rows.shape
     out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-    load_kernel("hearth_linear_bf16")(rows.data_ptr(), rows.stride(0), packed_weight.data_ptr(), out.data_ptr(),
-                                      out_features, num_rows, out_features, in_features, torch.get_num_threads())
+    linear_bf16_kernel()(rows.data_ptr(), rows.stride(0), packed_weight.data_ptr(), out.data_ptr(), out_features,
+                         num_rows, out_features, in_features, torch.get_num_threads())
     return as_input_shape(out, x)
 
 
@@ -246,11 +249,11 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, block_ids: Tensor, 
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), keys.stride(0),
         block_ids.data_ptr(), table_offsets.data_ptr(), positions.data_ptr(), out.data_ptr(),
         num_rows, num_heads, keys.shape[0], head_dim, block_size, scale, torch.get_num_threads())
+    if status == -1:
+        raise MemoryError("native paged attention: no memory for its scores")
     if status != 0:
-        raise MemoryError("native paged attention: no memory for its scores") if status == -1 else ValueError(
-            f"native paged attention: head_dim {head_dim} is not a multiple of 16 (or over 256)")
+        raise ValueError(f"native paged attention: head_dim {head_dim} is not a multiple of 16 (or over 256)")
     return out
-
 
 
 def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int,

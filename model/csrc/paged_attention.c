@@ -9,13 +9,12 @@
  * for a few decode rows that is most of the attention time. Here one call per layer reads
  * the blocks in place.
  *
- * Arithmetic: q . k as bf16 pairs summed into fp32 lanes (vdpbf16ps, head_dim in 32-wide chunks),
- * then a fixed-order lane sum, times the scale; softmax weights exp(s - max) in fp32 (a fixed
- * polynomial), rounded to bf16 as PyTorch's path rounds its probabilities, their sum kept in fp32;
- * the output sum_j p_j v_j over key pairs (j, j+1) in key order, again by vdpbf16ps, divided by the
- * sum and rounded to bf16 (nearest even). It depends on nothing but the row's query, its keys and
- * values, so a row's result is the same in any batch, in a prefill or a decode step (batch
- * invariance and prefill/decode agreement by construction). head_dim must be a multiple of 16.
+ * Arithmetic: q and k widened to fp32, q . k as 16-wide FMAs over head_dim then a fixed-
+ * order lane sum, times the scale; softmax in fp32 (max, exp by a fixed polynomial, sum in
+ * key order); the output is sum_j p_j v_j in key order, divided by the sum, rounded to bf16
+ * (nearest even). It depends on nothing but the row's query, its keys and values, so a
+ * row's result is the same in any batch, in a prefill or a decode step (batch invariance
+ * and prefill/decode agreement by construction). head_dim must be a multiple of 16.
  */
 #include "bf16.h"
 
@@ -46,72 +45,44 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __mmask32 chunk_mask(int c, int chunks, int head_dim) {
-    return c + 1 < chunks || head_dim % 32 == 0 ? 0xffffffffu : (__mmask32)((1u << (head_dim % 32)) - 1);
-}
-
-static inline const uint16_t *key_row(const uint16_t *cache, const int32_t *block_ids, int64_t j, int block_size,
-                                      int head_dim) {
-    return cache + ((int64_t)block_ids[j / block_size] * block_size + j % block_size) * head_dim;
-}
-
-/* One (row, head). scores: num_keys + 1 floats of scratch, probs: as many bf16. */
+/* One (row, head): scores into `scores` (num_keys floats), then the output row. */
 static void attend_one(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int32_t *block_ids,
-                       int64_t num_keys, int head_dim, int block_size, float scale, float *scores, uint16_t *probs,
-                       uint16_t *out) {
-    const int chunks = (head_dim + 31) / 32;
-    __m512bh qv[MAX_HEAD_DIM / 32];
-    for (int c = 0; c < chunks; c++)
-        qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(chunk_mask(c, chunks, head_dim), q + 32 * c);
-    /* q . k: bf16 pairs into fp32 lanes (vdpbf16ps), then the lane sum */
+                       int64_t num_keys, int head_dim, int block_size, float scale, float *scores, uint16_t *out) {
+    const int chunks = head_dim / 16;
+    __m512 qv[MAX_HEAD_DIM / 16];
+    for (int c = 0; c < chunks; c++) qv[c] = load_bf16x16(q + 16 * c);
     float max_score = -INFINITY;
     for (int64_t j = 0; j < num_keys; j++) {
-        const uint16_t *k = key_row(keys, block_ids, j, block_size, head_dim);
-        __m512 dot = _mm512_setzero_ps();
-        for (int c = 0; c < chunks; c++)
-            dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_maskz_loadu_epi16(chunk_mask(c, chunks, head_dim), k + 32 * c));
+        const int64_t slot = (int64_t)block_ids[j / block_size] * block_size + j % block_size;
+        const uint16_t *k = keys + slot * head_dim;
+        __m512 dot = _mm512_mul_ps(qv[0], load_bf16x16(k));
+        for (int c = 1; c < chunks; c++) dot = _mm512_fmadd_ps(qv[c], load_bf16x16(k + 16 * c), dot);
         scores[j] = _mm512_reduce_add_ps(dot) * scale;
         max_score = scores[j] > max_score ? scores[j] : max_score;
     }
-    /* exp in 16-key vectors (the tail masked), kept as bf16 weights; their sum in fp32, in a fixed lane order */
+    /* exp in 16-key vectors (the tail masked); the sum in a fixed lane order */
     __m512 sums = _mm512_setzero_ps();
     const __m512 max_v = _mm512_set1_ps(max_score);
     for (int64_t j = 0; j < num_keys; j += 16) {
         const __mmask16 mask = j + 16 <= num_keys ? 0xffff : (__mmask16)((1u << (num_keys - j)) - 1);
         __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), max_v));
         e = _mm512_maskz_mov_ps(mask, e);
+        _mm512_mask_storeu_ps(scores + j, mask, e);
         sums = _mm512_add_ps(sums, e);
-        _mm256_mask_storeu_epi16(probs + j, mask, (__m256i)_mm512_cvtneps_pbh(e));
     }
     const float inverse_sum = 1.0f / _mm512_reduce_add_ps(sums);
-    probs[num_keys] = 0; /* an odd count pairs its last key with a zero weight */
-    /* sum_j p_j v_j two keys at a time: v_j and v_j+1 interleaved by 16-bit words, so each fp32 lane
-     * of vdpbf16ps adds p_j v_j[d] + p_j+1 v_j+1[d]; unpacklo holds dims 8L..8L+3 of each 128-bit lane L,
-     * unpackhi dims 8L+4..8L+7 */
-    __m512 low[MAX_HEAD_DIM / 32], high[MAX_HEAD_DIM / 32];
-    for (int c = 0; c < chunks; c++) low[c] = high[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < num_keys; j += 2) {
-        const uint16_t *v0 = key_row(values, block_ids, j, block_size, head_dim);
-        const uint16_t *v1 = j + 1 < num_keys ? key_row(values, block_ids, j + 1, block_size, head_dim) : v0;
-        const __m512bh weights = (__m512bh)_mm512_set1_epi32((int)((uint32_t)probs[j] | (uint32_t)probs[j + 1] << 16));
-        for (int c = 0; c < chunks; c++) {
-            const __mmask32 mask = chunk_mask(c, chunks, head_dim);
-            const __m512i a = _mm512_maskz_loadu_epi16(mask, v0 + 32 * c), b = _mm512_maskz_loadu_epi16(mask, v1 + 32 * c);
-            low[c] = _mm512_dpbf16_ps(low[c], (__m512bh)_mm512_unpacklo_epi16(a, b), weights);
-            high[c] = _mm512_dpbf16_ps(high[c], (__m512bh)_mm512_unpackhi_epi16(a, b), weights);
-        }
+    __m512 acc[MAX_HEAD_DIM / 16];
+    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < num_keys; j++) {
+        const int64_t slot = (int64_t)block_ids[j / block_size] * block_size + j % block_size;
+        const uint16_t *v = values + slot * head_dim;
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(v + 16 * c), acc[c]);
     }
-    const __m512 inverse = _mm512_set1_ps(inverse_sum);
     for (int c = 0; c < chunks; c++) {
-        float lanes_low[16], lanes_high[16];
-        _mm512_storeu_ps(lanes_low, _mm512_mul_ps(low[c], inverse));
-        _mm512_storeu_ps(lanes_high, _mm512_mul_ps(high[c], inverse));
-        for (int lane = 0; lane < 4; lane++)
-            for (int i = 0; i < 4; i++) {
-                const int d = 32 * c + 8 * lane + i;
-                if (d < head_dim) out[d] = to_bf16(lanes_low[4 * lane + i]);
-                if (d + 4 < head_dim) out[d + 4] = to_bf16(lanes_high[4 * lane + i]);
-            }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse_sum)));
+        for (int d = 0; d < 16; d++) out[16 * c + d] = to_bf16(lanes[d]);
     }
 }
 
@@ -131,23 +102,21 @@ int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, con
     #pragma omp parallel num_threads(num_threads)
     {
         float *scores = aligned_alloc(64, (size_t)((max_keys + 16) * sizeof(float) + 63) / 64 * 64);
-        uint16_t *probs = aligned_alloc(64, (size_t)((max_keys + 32) * sizeof(uint16_t) + 63) / 64 * 64);
-        if (!scores || !probs) {
+        if (!scores) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for collapse(2) schedule(static)
         for (int64_t r = 0; r < num_rows; r++) {
             for (int h = 0; h < n_heads; h++) {
-                if (!scores || !probs) continue;
+                if (!scores) continue;
                 const int64_t kv = h / group;
                 attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
                            block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
-                           scores, probs, out + (r * n_heads + h) * head_dim);
+                           scores, out + (r * n_heads + h) * head_dim);
             }
         }
         free(scores);
-        free(probs);
     }
     return failed ? -1 : 0;
 }
