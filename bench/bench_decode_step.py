@@ -11,8 +11,10 @@ Two measurements behind README's Engine section:
   bandwidth the GEMVs could have.
 - step: the engine's worker driven directly (no HTTP, no asyncio) for one sequence decoding, on a
   thread of its own as the engine runs it: time per step in the decoder body, the LM head and
-  sampling; then the same steps with every packed linear replaced by an empty output of its shape,
-  which leaves the rest of the body (norms, rotary, paged attention) alone.
+  sampling, with the layers run in one native call (server/engine/cpu_fast.NativeDecoder) and as
+  FusedBlock modules, alternated; then the modules with every packed bf16 linear replaced by an
+  empty output of its shape, which leaves the rest of the body (norms, rotary, paged attention).
+  `--quantize int8` does the same for the int8 per-channel model.
 
 Two more parts, on demand: `--part attention` times the native paged attention alone (decode rows over
 cached keys), `--part calls` the fixed Python cost of a native call and of nn.Module.__call__.
@@ -133,13 +135,15 @@ def call_rows() -> list[tuple[str, float]]:
     return [(name, time_per_call(fn, 20000) * 1e6) for name, fn in calls]
 
 
-def step_rows(checkpoint: Path, steps: int) -> list[tuple[str, float]]:
-    """(part of a single-stream decode step, ms)."""
+def step_rows(checkpoint: Path, steps: int, rounds: int = 3) -> list[tuple[str, float]]:
+    """(part of a single-stream decode step, ms): the layers in one native call and as FusedBlock
+    modules, alternated over `rounds` (medians), then the modules with their linears emptied."""
     from server.engine import Engine, EngineConfig
     from server.engine import cpu_fast, worker as worker_module
 
     engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_num_seqs=4, enable_prefix_caching=False))
-    timings: dict[str, float] = {}
+    worker, timings = engine.worker, {}
+    native_decoder = worker.native_decoder
 
     def timed(name: str, fn):
         def wrapper(*args, **kwargs):
@@ -149,25 +153,37 @@ def step_rows(checkpoint: Path, steps: int) -> list[tuple[str, float]]:
             return result
         return wrapper
 
-    engine.model.hidden_states = timed("decoder body", engine.model.hidden_states)
+    worker._hidden_states = timed("decoder body", worker._hidden_states)
     engine.model.lm_head.forward = timed("LM head", engine.model.lm_head.forward)
     real_sample_batch = worker_module.sample_batch
     worker_module.sample_batch = timed("sampling", real_sample_batch)
+    modes = [("modules", None)] + ([("one native call", native_decoder)] if native_decoder is not None else [])
+    samples: dict[str, list[float]] = {}
     try:
-        total = run_in_fresh_thread(decode_steps, engine, steps, timings)
-        rows = [("whole step (scheduler + worker)", total)] + [(name, timings[name] / steps * 1e3) for name in
-                                                              ("decoder body", "LM head", "sampling")]
-        real_forward = cpu_fast.PackedLinear.forward
-        cpu_fast.PackedLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
+        for _ in range(rounds):
+            for mode, decoder in modes:
+                worker.native_decoder = decoder
+                total = run_in_fresh_thread(decode_steps, engine, steps, timings)
+                parts = {"whole step (scheduler + worker)": total,
+                         **{name: timings[name] / steps * 1e3 for name in ("decoder body", "LM head", "sampling")}}
+                for name, ms in parts.items():
+                    samples.setdefault(f"{name}, layers as {mode}", []).append(ms)
+        worker.native_decoder = None
+        linear_classes = (cpu_fast.PackedLinear, cpu_fast.PackedInt8Linear)
+        real_forwards = [cls.forward for cls in linear_classes]
+        for cls in linear_classes:
+            cls.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
         try:
-            timings.clear()
             run_in_fresh_thread(decode_steps, engine, steps, timings)
-            rows.append(("decoder body, linears replaced by empty outputs", timings["decoder body"] / steps * 1e3))
+            samples["decoder body, layers as modules, packed linears replaced by empty outputs"] = [
+                timings["decoder body"] / steps * 1e3]
         finally:
-            cpu_fast.PackedLinear.forward = real_forward
+            for cls, forward in zip(linear_classes, real_forwards):
+                cls.forward = forward
     finally:
         worker_module.sample_batch = real_sample_batch
-    return rows
+        worker.native_decoder = native_decoder
+    return [(name, sorted(values)[len(values) // 2]) for name, values in samples.items()]
 
 
 def decode_steps(engine, steps: int, timings: dict[str, float]) -> float:
@@ -201,7 +217,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("both", "kernels", "step", "attention", "calls"), default="both",
                         help="both: kernels and step; attention and calls need the native kernels")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a bf16 checkpoint (default: random `small`)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint (default: random `small`)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="step: quantize the checkpoint first (int8 per channel)")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -227,8 +245,13 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="hearth-step-") as tmp:
             checkpoint = args.checkpoint or run_in_fresh_thread(build_random_small, Path(tmp))
+            if args.quantize:
+                from model.quant import quantize_checkpoint
+
+                checkpoint = run_in_fresh_thread(quantize_checkpoint, checkpoint, Path(tmp) / args.quantize,
+                                                 args.quantize).out
             rows = step_rows(checkpoint, args.steps)
-        print("\n| single-stream bf16 decode step | ms |\n|---|---|")
+        print(f"\n| single-stream {args.quantize or 'bf16'} decode step (median of 3) | ms |\n|---|---|")
         for name, ms in rows:
             print(f"| {name} | {ms:.2f} |")
 

@@ -47,7 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="a bf16/fp32 checkpoint folder (default: random `small` weights)")
     parser.add_argument("--dtypes", default="bfloat16,int8,int4",
                         help="comma-separated: bfloat16, float32, int8, int4 (group 32); a -pytorch suffix "
-                             "(bfloat16-pytorch, int8-pytorch) runs PyTorch's kernels instead of model/native.py's")
+                             "(bfloat16-pytorch, int8-pytorch) runs PyTorch's kernels instead of model/native.py's, "
+                             "a -modules suffix the native kernels from Python modules, a call each, instead of "
+                             "all the layers of a step in one native call")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt length in words (~20 tokens)")
@@ -136,6 +138,8 @@ def bench_engine(path: Path, dtype_name: str, concurrency: list[int], args, toke
     load_start = time.perf_counter()
     with native_kernels(not dtype_name.endswith("-pytorch")):
         engine = Engine.from_checkpoint(path, EngineConfig(dtype=engine_dtype, max_num_seqs=max(concurrency)))
+    if dtype_name.endswith("-modules"):
+        engine.worker.native_decoder = None  # server/engine/cpu_fast.py's FusedBlocks run the layers
     load_seconds = time.perf_counter() - load_start
     engine.start()
     tokenizer_out.append(engine.tokenizer)
@@ -238,7 +242,7 @@ def main() -> None:
         tokenizers: list = []
         for dtype_name in dtypes:
             path = source
-            method = dtype_name.removesuffix("-pytorch")
+            method = dtype_name.removesuffix("-pytorch").removesuffix("-modules")
             if method in QUANTIZED:
                 from model.quant import quantize_checkpoint
 

@@ -5,7 +5,9 @@ Four kernels, bf16 in and out, for what a decode step spends its time on:
 - csrc/linear_int8.c, the same with int8 weights and a scale per output row (cpu_fast.py too);
 - csrc/paged_attention.c, causal attention over the paged KV cache, and the rotary embedding
   with the KV cache write before it (server/engine/kv_cache.py);
-- csrc/rms_norm.c, RMSNorm in one call instead of nine small ops (cpu_fast.py).
+- csrc/rms_norm.c, RMSNorm in one call instead of nine small ops (cpu_fast.py);
+and csrc/decoder_layers.c, which runs every decoder layer of a step in one call by calling
+the four (linked into its library from their own files), with no Python between them.
 Why they exist and why their results are batch invariant: see the files' headers.
 
 Design choices:
@@ -74,12 +76,18 @@ def check_cpu() -> None:
         raise NativeUnavailable(f"the CPU lacks {', '.join(missing)}")
 
 
+# A library's C files, where it is more than csrc/<name>.c
+LIBRARY_SOURCES = {"decoder_layers": ("decoder_layers", "linear_bf16", "linear_int8", "paged_attention", "rms_norm")}
+
+
 def compile_library(name: str) -> Path:
-    """csrc/<name>.c (with csrc/*.h) -> a shared library in the cache, compiled when it is not there yet."""
-    source = SOURCE_DIR / f"{name}.c"
+    """csrc/<name>.c (and the files LIBRARY_SOURCES adds, with csrc/*.h) -> a shared library in the
+    cache, compiled when it is not there yet."""
+    sources = [SOURCE_DIR / f"{source}.c" for source in LIBRARY_SOURCES.get(name, (name,))]
     flags = ["-O3", "-std=gnu11", *ISA_FLAGS, "-fopenmp", "-fPIC", "-shared"]
     headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in sources)
+    digest = hashlib.sha256(code + headers + " ".join(flags).encode()).hexdigest()[:16]
     library = cache_dir() / f"{name}-{digest}.so"
     if library.is_file():  # built before (or at `docker build`): no compiler needed
         return library
@@ -90,10 +98,10 @@ def compile_library(name: str) -> Path:
     handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so.tmp")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *flags, str(source), "-o", temporary], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, *map(str, sources), "-o", temporary], capture_output=True, text=True)
         if result.returncode != 0:
             first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-            raise NativeUnavailable(f"{compiler} could not compile {source.name}: {first_error[:200]}")
+            raise NativeUnavailable(f"{compiler} could not compile {sources[0].name}: {first_error[:200]}")
         os.chmod(temporary, 0o755)  # mkstemp makes it 0600: other users (the image's server) must load it too
         os.replace(temporary, library)
     finally:
@@ -117,7 +125,32 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
                                                  POINTER, INT64, POINTER, INT], None),
     # x, ldx, weight, y, rows, dim, eps, threads -> 0, or -2 when dim is not a multiple of 16
     "hearth_rms_norm": ("rms_norm", [POINTER, INT64, POINTER, POINTER, INT64, INT64, FLOAT, INT], INT),
+    # x, rows, layers (LayerWeights array), layer count, step (StepShape), threads -> 0, -1 (out of memory), -2 (shape)
+    "hearth_decoder_layers": ("decoder_layers", [POINTER, INT64, POINTER, INT64, POINTER, INT], INT),
 }
+
+
+class LinearWeights(ctypes.Structure):
+    """csrc/decoder_layers.c's hearth_linear: one packed matmul."""
+    _fields_ = [("kind", INT64), ("out_features", INT64), ("in_features", INT64), ("tiles", POINTER),
+                ("scales", POINTER)]
+
+
+class LayerWeights(ctypes.Structure):
+    """csrc/decoder_layers.c's hearth_layer: a decoder layer's norms, matmuls and KV cache."""
+    _fields_ = [("attn_norm", POINTER), ("mlp_norm", POINTER), ("qkv", LinearWeights), ("o", LinearWeights),
+                ("gate_up", LinearWeights), ("down", LinearWeights), ("keys", POINTER), ("values", POINTER)]
+
+
+class StepShape(ctypes.Structure):
+    """csrc/decoder_layers.c's hearth_step: the model's shape and one step's rows."""
+    _fields_ = [("dim", INT64), ("ffn_dim", INT64), ("kv_head_stride", INT64), ("n_heads", INT64),
+                ("n_kv_heads", INT64), ("head_dim", INT64), ("block_size", INT64), ("norm_eps", FLOAT),
+                ("attention_scale", FLOAT), ("cos", POINTER), ("sin", POINTER), ("slots", POINTER),
+                ("block_ids", POINTER), ("table_offsets", POINTER), ("positions", POINTER)]
+
+
+BF16_KIND, INT8_KIND = 0, 1  # hearth_linear's kinds
 
 
 @functools.cache
@@ -170,6 +203,10 @@ def rope_write_kv_kernel():
 
 def rms_norm_kernel():
     return load_kernel("hearth_rms_norm")
+
+
+def decoder_layers_kernel():
+    return load_kernel("hearth_decoder_layers")
 
 
 def pack_tiles(matrix: Tensor, chunk: int) -> Tensor:
@@ -278,6 +315,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if status != 0:
         raise ValueError(f"native RMSNorm: dim {rows.shape[1]} is not a multiple of 16")
     return as_input_shape(out, x)
+
+
+def decoder_layers(x: Tensor, layers: ctypes.Array, step: StepShape) -> None:
+    """Run every layer in `layers` over x [rows, dim] bf16 (contiguous, updated in place): csrc/decoder_layers.c."""
+    status = decoder_layers_kernel()(x.data_ptr(), x.shape[0], ctypes.addressof(layers), len(layers),
+                                     ctypes.addressof(step), torch.get_num_threads())
+    if status == -1:
+        raise MemoryError(f"native decoder layers: no memory for the scratch of {x.shape[0]} rows")
+    if status != 0:
+        raise ValueError("native decoder layers: a width is not a multiple of 16 (or head_dim is over 256)")
 
 
 if __name__ == "__main__":  # build the libraries into the cache now (no CPU check: the image may run elsewhere)

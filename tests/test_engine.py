@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from model import native
 from model.checkpoint import load_checkpoint
 from model.decoder import DenseKVCache
 from model.generate import GenerationSettings, generate
@@ -293,6 +294,8 @@ def test_bfloat16_engine_is_batch_invariant_too(tiny_model_dir, tokenizer):
     engine = make_engine(tiny_model_dir, dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=48)
     try:
         assert engine.worker.num_packed_matmuls == (2 * 4 + 1 if can_pack(torch.bfloat16, torch.device("cpu")) else 0)
+        if native.decoder_layers_kernel() is not None:  # then its layers run in one native call a step
+            assert engine.worker.native_decoder is not None
         target, *others = prompts(tokenizer, 6)[::-1]
         alone = asyncio.run(collect(engine, "alone", target, GREEDY))
         crowded = asyncio.run(collect_all(engine, [(p, GREEDY) for p in others] + [(target, GREEDY)]))

@@ -264,3 +264,87 @@ def test_a_compiler_that_fails_gives_a_one_line_reason_and_the_fallback(fresh_ke
     message = next(r.getMessage() for r in caplog.records if r.name == "hearth.native")
     assert "using PyTorch's kernel" in message and "error: no such thing" in message and "\n" not in message
     assert not list((fresh_kernel_cache / "native").glob("*"))  # no half-written library left
+
+
+# ----------------------------------------------------------------------------- all layers in one call
+
+
+def lively_tiny_model(tokenizer, seed: int):
+    """The tiny bf16 model with weights large enough that silu, softmax and the norms see varied inputs."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(15)
+    return model.to(torch.bfloat16)
+
+
+# (start position, rows, block table) per sequence, step by step: two prefills, a decode, a chunk.
+STEPS = [[(0, 20, [1, 2]), (0, 7, [3])], [(20, 1, [1, 2]), (7, 1, [3])], [(8, 1, [3]), (21, 3, [1, 2])]]
+
+
+def run_steps(worker, seed: int) -> list[torch.Tensor]:
+    """Feed STEPS through worker's layers (random tokens) -> each step's hidden states."""
+    from server.engine.kv_cache import SequenceChunk
+
+    generator, outputs = torch.Generator().manual_seed(seed), []
+    worker.cache.zero_blocks([1, 2, 3])  # as the scheduler has the worker do for fresh blocks
+    for step in STEPS:
+        chunks = [SequenceChunk(start, rows, blocks) for start, rows, blocks in step]
+        num_rows = sum(chunk.num_rows for chunk in chunks)
+        tokens = torch.randint(0, worker.model.config.vocab_size, (1, num_rows), generator=generator)
+        positions = torch.tensor([[c.start_position + i for c in chunks for i in range(c.num_rows)]])
+        worker.cache.metadata = worker.cache.build_metadata(chunks, num_rows)
+        with torch.inference_mode():
+            outputs.append(worker._hidden_states(tokens, positions))
+        worker.cache.metadata = None
+    return outputs
+
+
+def assert_native_decoder_matches_the_modules(model, seed: int) -> None:
+    import copy
+
+    from server.engine.worker import ModelWorker
+
+    in_one_call, as_modules = (ModelWorker(copy.deepcopy(model), 16, 16) for _ in range(2))
+    assert in_one_call.native_decoder is not None
+    as_modules.native_decoder = None
+    for fast, reference in zip(run_steps(in_one_call, seed), run_steps(as_modules, seed)):
+        assert fast.dtype == torch.bfloat16 and fast.abs().max() > 1  # not vanishing activations
+        # The same kernels in the same order; only silu's exp is not PyTorch's, which can move a
+        # value on a bf16 rounding boundary by one step (none did for these seeds).
+        assert torch.equal(fast, reference), (fast.float() - reference.float()).abs().max()
+    used_slots = 4 * 16  # blocks 0 (null) to 3; the others were never handed out
+    assert torch.equal(in_one_call.cache.keys[:, :, :used_slots], as_modules.cache.keys[:, :, :used_slots])
+    assert torch.equal(in_one_call.cache.values[:, :, :used_slots], as_modules.cache.values[:, :, :used_slots])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_decoder_gives_the_fused_blocks_bits(tokenizer, seed):
+    """All layers of a step in one native call: prefills, decodes and a chunk, GQA, the KV cache too."""
+    native_or_skip()
+    assert_native_decoder_matches_the_modules(lively_tiny_model(tokenizer, seed), seed)
+
+
+def test_native_decoder_takes_int8_layers_and_refuses_int4(tokenizer, tmp_path):
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.quant import quantize_checkpoint
+    from server.engine.worker import ModelWorker
+
+    native_or_skip()
+    save_checkpoint(tmp_path / "bf16", lively_tiny_model(tokenizer, 0), tokenizer)
+    int8 = load_checkpoint(quantize_checkpoint(tmp_path / "bf16", tmp_path / "int8", "int8").out).model
+    assert_native_decoder_matches_the_modules(int8, 0)
+    int4 = load_checkpoint(quantize_checkpoint(tmp_path / "bf16", tmp_path / "int4", "int4", 32).out).model
+    worker = ModelWorker(int4, 16, 16)
+    assert worker.num_packed_matmuls > 0 and worker.native_decoder is None  # int4 keeps the module path
+
+
+def test_native_decoder_is_off_with_the_kernels_off(tokenizer, fresh_kernel_cache, monkeypatch):
+    from server.engine.worker import ModelWorker
+
+    monkeypatch.setenv("HEARTH_NATIVE_KERNELS", "0")
+    worker = ModelWorker(lively_tiny_model(tokenizer, 0), 16, 16)
+    assert worker.native_decoder is None and not worker.cache.uses_native_kernel

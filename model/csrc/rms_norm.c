@@ -15,16 +15,6 @@
 #include <stdint.h>
 #include <string.h>
 
-/* fp32 -> bf16, round to nearest even (NaN stays NaN), 16 lanes. */
-static inline __m256i to_bf16x16(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16);
-    __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(rounded);
-}
-
 /* x: rows x dim (row stride ldx), weight: dim, y: rows x dim contiguous. Returns -2 when dim % 16. */
 int hearth_rms_norm(const uint16_t *x, int64_t ldx, const uint16_t *weight, uint16_t *y, int64_t rows, int64_t dim,
                     float eps, int num_threads) {

@@ -15,7 +15,8 @@ Design choices:
   multiple of `row_multiple` (probed at start-up, 1 for bfloat16 here), so a
   request's tokens do not depend on what else runs in the step.
 - On CPU in bfloat16 the model's matmuls are swapped for pre-packed, fused
-  oneDNN ones (server/engine/cpu_fast.py): same bits, fewer and faster calls.
+  ones (server/engine/cpu_fast.py), and where every layer is native the
+  layers of a step run in one native call (cpu_fast.NativeDecoder).
 - Sampling failures stay per sequence: `sample_batch` returns an exception in
   that row's slot. An exception in the forward itself propagates: the engine
   fails the step's requests and carries on.
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from model.decoder import Transformer
-from server.engine.cpu_fast import can_pack, pack_model
+from server.engine.cpu_fast import NativeDecoder, can_pack, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
 from server.engine.sampling import SampleResult, sample_batch
 from server.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -44,6 +45,8 @@ class ModelWorker:
         self.row_multiple = find_row_multiple(self.dtype, self.device)
         self.num_packed_matmuls = pack_model(model) if can_pack(self.dtype, self.device) else 0
         self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device, self.row_multiple)
+        # every layer of a step in one native call, where all of them run native kernels (else None)
+        self.native_decoder = NativeDecoder.build(model, self.cache) if self.num_packed_matmuls else None
 
     def padded(self, num_rows: int) -> int:
         return -(-num_rows // self.row_multiple) * self.row_multiple
@@ -59,10 +62,16 @@ class ModelWorker:
         chunks = [SequenceChunk(item.start_position, item.num_tokens, item.block_ids) for item in ordered]
         self.cache.metadata = self.cache.build_metadata(chunks, tokens.shape[1])
         try:
-            hidden = self.model.hidden_states(tokens, positions, self.cache)[0]  # [rows, dim]
+            hidden = self._hidden_states(tokens, positions)  # [rows, dim]
         finally:
             self.cache.metadata = None
         return self._sample(ordered, hidden)
+
+    def _hidden_states(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens, positions: [1, rows] -> final-normed hidden states [rows, dim]."""
+        if self.native_decoder is not None:
+            return self.native_decoder.hidden_states(tokens[0], positions[0])
+        return self.model.hidden_states(tokens, positions, self.cache)[0]
 
     def _inputs(self, ordered: list[ScheduledSequence]) -> tuple[Tensor, Tensor]:
         """-> tokens, positions: [1, padded rows] (padding rows: token 0 at position 0)."""
