@@ -36,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import shutil
@@ -222,16 +223,42 @@ def pack_tiles(matrix: Tensor, chunk: int) -> Tensor:
     return tiles.contiguous()
 
 
+HUGE_PAGE = 2 << 20
+
+
+def on_huge_pages(tensor: Tensor) -> Tensor:
+    """A copy of contiguous `tensor` whose whole 2 MB stretches the OS backs with huge pages, where it can.
+
+    Why: the linear kernels stream their weights, and the CPU's prefetchers stop at page
+    boundaries; on the EPYC here a read over 2 MB pages ran 31 -> 35 GB/s. Transparent huge
+    pages are `madvise` on most distributions, so the memory must ask for them: an anonymous
+    private mapping, its 2 MB-aligned whole pages advised. The tail under 2 MB keeps small
+    pages (no memory wasted). A tensor under 2 MB, or a refused madvise, stays as it is.
+    """
+    num_bytes = tensor.numel() * tensor.element_size()
+    if num_bytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not tensor.is_contiguous():
+        return tensor
+    region = mmap.mmap(-1, num_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE  # offset of the first 2 MB boundary
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, num_bytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:
+        return tensor
+    # the tensor keeps the mapping alive (torch.frombuffer holds a reference to it)
+    copy = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel(), offset=start).view(tensor.shape)
+    return copy.copy_(tensor)
+
+
 def pack_bf16_weight(weight: Tensor) -> Tensor:
-    """[N, K] bf16 -> csrc/linear_bf16.c's tiles (32 columns a chunk), a plain tensor."""
-    return pack_tiles(weight.to(torch.bfloat16), BF16_CHUNK)
+    """[N, K] bf16 -> csrc/linear_bf16.c's tiles (32 columns a chunk), on huge pages where it can."""
+    return on_huge_pages(pack_tiles(weight.to(torch.bfloat16), BF16_CHUNK))
 
 
 def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 [N, K] and [N] scales -> csrc/linear_int8.c's tiles (16 columns, one cache line a chunk)
-    and fp32 scales padded to the tiles' rows."""
+    """int8 [N, K] and [N] scales -> csrc/linear_int8.c's tiles (16 columns, one cache line a chunk,
+    on huge pages where it can) and fp32 scales padded to the tiles' rows."""
     padded_out = -(-codes.shape[0] // TILE_ROWS) * TILE_ROWS
-    return pack_tiles(codes, INT8_CHUNK), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
+    return on_huge_pages(pack_tiles(codes, INT8_CHUNK)), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
 
 
 def as_rows(x: Tensor) -> Tensor:
