@@ -50,6 +50,11 @@ def cold_gemv_matmuls(kind: str, out_features: int, in_features: int):
     if kind == "int8 native (model/native.py)":
         packed = native.pack_int8_weight(torch.randint(-127, 128, weight.shape, dtype=torch.int8), torch.rand(out_features))
         return lambda x: native.linear_int8(x, packed, out_features)
+    if kind == "int4 g32 native (model/native.py)":
+        codes = torch.randint(0, 16, weight.shape, dtype=torch.uint8)
+        scales = torch.rand(out_features, in_features // 32, dtype=torch.bfloat16)
+        packed = native.pack_int4_weight(codes, scales, scales)
+        return lambda x: native.linear_int4(x, packed, out_features, 32)
     if kind == "bf16 packed (oneDNN)":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -76,10 +81,11 @@ def kernel_rows() -> list[tuple[str, float, float]]:
     rows = []
     from model import native
 
-    kinds = [("bf16 packed (oneDNN)", 2), ("int8 (_weight_int8pack_mm)", 1), ("int4 g32 (_weight_int4pack_mm_for_cpu)", 0.5)]
-    if native.linear_bf16_kernel() is not None and native.linear_int8_kernel() is not None:
+    kinds = [("bf16 packed (oneDNN)", 2), ("int8 (_weight_int8pack_mm)", 1), ("int4 g32 (_weight_int4pack_mm_for_cpu)", 0.625)]
+    if None not in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.linear_int4_kernel()):
         kinds[1:1] = [("bf16 native (model/native.py)", 2)]
         kinds[3:3] = [("int8 native (model/native.py)", 1)]
+        kinds.append(("int4 g32 native (model/native.py)", 0.625))  # 4 bits and a bf16 scale and zero per 32
     for kind, bytes_per_weight in kinds:
         layers = [{name: cold_gemv_matmuls(kind, *shape) for name, shape in LAYER_SHAPES.items()} for _ in range(NUM_LAYERS)]
         inputs = {name: torch.randn(1, shape[1], dtype=torch.bfloat16) for name, shape in LAYER_SHAPES.items()}

@@ -1,13 +1,14 @@
 """Native CPU kernels: C sources in csrc/, compiled on first use and called through ctypes.
 
-Four kernels, bf16 in and out, for what a decode step spends its time on:
+Five kernels, bf16 in and out, for what a decode step spends its time on:
 - csrc/linear_bf16.c, Y = X @ W.T with bf16 weights (server/engine/cpu_fast.py's packed linears);
 - csrc/linear_int8.c, the same with int8 weights and a scale per output row (cpu_fast.py too);
+- csrc/linear_int4.c, the same with int4 weights, a scale and a zero per group (cpu_fast.py too);
 - csrc/paged_attention.c, causal attention over the paged KV cache, and the rotary embedding
   with the KV cache write before it (server/engine/kv_cache.py);
 - csrc/rms_norm.c, RMSNorm in one call instead of nine small ops (cpu_fast.py);
 and csrc/decoder_layers.c, which runs every decoder layer of a step in one call by calling
-the four (linked into its library from their own files), with no Python between them.
+the others (linked into its library from their own files), with no Python between them.
 Why they exist and why their results are batch invariant: see the files' headers.
 
 Design choices:
@@ -78,7 +79,8 @@ def check_cpu() -> None:
 
 
 # A library's C files, where it is more than csrc/<name>.c
-LIBRARY_SOURCES = {"decoder_layers": ("decoder_layers", "linear_bf16", "linear_int8", "paged_attention", "rms_norm")}
+LIBRARY_SOURCES = {"decoder_layers": ("decoder_layers", "linear_bf16", "linear_int8", "linear_int4", "paged_attention",
+                                      "rms_norm")}
 
 
 def compile_library(name: str) -> Path:
@@ -115,6 +117,8 @@ POINTER, INT64, INT, FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctyp
 SIGNATURES = {  # C function -> (library, argument types, result type)
     # x, ldx, packed w, y, ldy, M, N, K, threads
     "hearth_linear_bf16": ("linear_bf16", [POINTER, INT64, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], None),
+    # x, ldx, packed w, y, ldy, M, N, K, group size, threads -> 0, -1 (out of memory), -2 (group size)
+    "hearth_linear_int4": ("linear_int4", [POINTER, INT64, POINTER, POINTER, INT64, INT64, INT64, INT64, INT64, INT], INT),
     # x, ldx, packed w, scales, y, ldy, M, N, K, threads -> 0, or -1 when out of memory
     "hearth_linear_int8": ("linear_int8", [POINTER, INT64, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], INT),
     # q, q row stride, q head stride, keys, values, kv head stride, block ids, table offsets, positions, out,
@@ -134,7 +138,7 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
 class LinearWeights(ctypes.Structure):
     """csrc/decoder_layers.c's hearth_linear: one packed matmul."""
     _fields_ = [("kind", INT64), ("out_features", INT64), ("in_features", INT64), ("tiles", POINTER),
-                ("scales", POINTER)]
+                ("scales", POINTER), ("group_size", INT64)]
 
 
 class LayerWeights(ctypes.Structure):
@@ -151,7 +155,7 @@ class StepShape(ctypes.Structure):
                 ("block_ids", POINTER), ("table_offsets", POINTER), ("positions", POINTER)]
 
 
-BF16_KIND, INT8_KIND = 0, 1  # hearth_linear's kinds
+BF16_KIND, INT8_KIND, INT4_KIND = 0, 1, 2  # hearth_linear's kinds
 
 
 @functools.cache
@@ -192,6 +196,10 @@ def linear_bf16_kernel():
 
 def linear_int8_kernel():
     return load_kernel("hearth_linear_int8")
+
+
+def linear_int4_kernel():
+    return load_kernel("hearth_linear_int4")
 
 
 def paged_attention_kernel():
@@ -261,6 +269,33 @@ def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     return on_huge_pages(pack_tiles(codes, INT8_CHUNK)), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
 
 
+INT4_TILE_ROWS = 16  # TILE_N of linear_int4.c
+
+
+def pack_int4_weight(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """uint8 codes [N, K] (0..15) with bf16 scales and zeros [N, K / group] -> csrc/linear_int4.c's
+    tiles, uint8 [ceil(N/16), groups, group * 8 + 64], on huge pages where it can.
+
+    A tile's group: 32 bytes per 4 input columns (byte 2l + h holds row l's column 2c + h in its
+    low nibble, 2c + 2 + h in its high one), then the 16 rows' scales and their 16 zeros."""
+    out_features, in_features = codes.shape
+    num_groups = scales.shape[1]
+    group_size = in_features // num_groups
+    padding = -out_features % INT4_TILE_ROWS
+    codes = F.pad(codes.to(torch.uint8), (0, 0, 0, padding))
+    scales, zeros = (F.pad(t.to(torch.bfloat16), (0, 0, 0, padding)) for t in (scales, zeros))
+    num_tiles = codes.shape[0] // INT4_TILE_ROWS
+    # [N', K] -> [tiles, 16 rows, groups, 4-column chunks, 4]; columns 2c + h | 2c + 2 + h -> one byte
+    quads = codes.view(num_tiles, INT4_TILE_ROWS, num_groups, group_size // 4, 4)
+    packed = quads[..., :2] | (quads[..., 2:] << 4)  # [tiles, 16, groups, chunks, 2]
+    # -> [tiles, groups, chunks, 16 rows, 2]: byte 2l + h of each 32-byte chunk
+    packed = packed.permute(0, 2, 3, 1, 4).reshape(num_tiles, num_groups, group_size * INT4_TILE_ROWS // 2)
+    # [N', groups] -> [tiles, groups, 16] each -> [tiles, groups, 2, 16] bf16 -> 64 bytes a group
+    scale_zero = torch.stack([t.view(num_tiles, INT4_TILE_ROWS, num_groups).transpose(1, 2) for t in (scales, zeros)], 2)
+    scale_zero = scale_zero.contiguous().view(torch.uint8).view(num_tiles, num_groups, -1)
+    return on_huge_pages(torch.cat([packed, scale_zero], dim=-1).contiguous())
+
+
 def as_rows(x: Tensor) -> Tensor:
     """[..., K] -> [M, K] bf16 with unit stride along K (the kernels take any row stride)."""
     if x.dim() == 2 and x.dtype is torch.bfloat16 and x.stride(1) == 1:  # the engine's usual case: as it is
@@ -295,6 +330,19 @@ def linear_int8(x: Tensor, packed: tuple[Tensor, Tensor], out_features: int) -> 
                                   out_features, rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"native int8 linear: no memory for a {rows.shape[0]} x {rows.shape[1]} fp32 copy of its input")
+    return as_input_shape(out, x)
+
+
+def linear_int4(x: Tensor, packed: Tensor, out_features: int, group_size: int) -> Tensor:
+    """x [..., K] @ W.T -> [..., N] bf16, with the int4 weight packed by `pack_int4_weight`."""
+    rows = as_rows(x)
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    status = linear_int4_kernel()(rows.data_ptr(), rows.stride(0), packed.data_ptr(), out.data_ptr(), out_features,
+                                  rows.shape[0], out_features, rows.shape[1], group_size, torch.get_num_threads())
+    if status == -1:
+        raise MemoryError(f"native int4 linear: no memory for the group sums of {rows.shape[0]} rows")
+    if status != 0:
+        raise ValueError(f"native int4 linear: group size {group_size} is not a multiple of 32 dividing {rows.shape[1]}")
     return as_input_shape(out, x)
 
 

@@ -329,13 +329,13 @@ def test_packed_fused_model_matches_the_plain_one(tiny_model_dir):
             assert_close_to_bf16_rounding(logits[1], logits[0])
 
 
-@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32), ("int8", 32)])
 def test_stacked_quantized_layers_match_separate_ones(tiny_model_dir, tmp_path, method, group_size):
     """The engine stacks quantized q/k/v and gate/up into one matmul each: exact per output column
-    through model/quant.py's kernels; int8 goes to the native kernel where it runs (own fp32 order)."""
-    from model import native
+    through model/quant.py's kernels; int8 per channel and int4 go to the native kernels where they
+    run (their own fp32 order), int8 in groups stays on model/quant.py's."""
     from model.quant import QuantizedLinear, quantize_checkpoint
-    from server.engine.cpu_fast import PackedInt8Linear
+    from server.engine.cpu_fast import PackedInt4Linear, PackedInt8Linear
 
     if not can_pack(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no oneDNN bf16 on this CPU: the engine keeps the model as loaded")
@@ -343,13 +343,15 @@ def test_stacked_quantized_layers_match_separate_ones(tiny_model_dir, tmp_path, 
     plain = load_checkpoint(folder).model
     stacked = copy.deepcopy(plain)
     assert pack_model(stacked) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the (tied, bf16) LM head
-    native_int8 = method == "int8" and native.linear_int8_kernel() is not None
-    assert isinstance(stacked.layers[0].attn.qkv, PackedInt8Linear if native_int8 else QuantizedLinear)
+    native_kernel = {("int8", None): native.linear_int8_kernel, ("int4", 32): native.linear_int4_kernel}.get(
+        (method, group_size), lambda: None)() is not None
+    native_class = PackedInt8Linear if method == "int8" else PackedInt4Linear
+    assert isinstance(stacked.layers[0].attn.qkv, native_class if native_kernel else QuantizedLinear)
     tokens = torch.randint(0, plain.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # hidden states: the bf16 LM head is packed, so not bit for bit
         for rows in (1, 5, 37):
             hidden = [model.hidden_states(tokens[:, :rows]) for model in (stacked, plain)]
-            if native_int8:
+            if native_kernel:
                 assert_close_to_bf16_rounding(*hidden)
             else:
                 assert torch.equal(*hidden)

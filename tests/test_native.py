@@ -1,5 +1,6 @@
-"""The native linears (model/native.py, model/csrc/): bf16 and int8 against fp32 references,
-batch invariance, the shared OpenMP runtime, the compile cache and the fallbacks."""
+"""The native kernels (model/native.py, model/csrc/): bf16, int8 and int4 linears, attention, rotary
+and RMSNorm against fp32 references, batch invariance, all layers in one call against the modules,
+the shared OpenMP runtime, the compile cache and the fallbacks."""
 
 import logging
 from pathlib import Path
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from model import native
-from model.quant_kernels import quantize_int8
-from server.engine.cpu_fast import PackedInt8Linear, PackedLinear, is_native_int8
+from model.quant_kernels import quantize_int4, quantize_int8, unpack_nibbles
+from server.engine.cpu_fast import PackedInt4Linear, PackedInt8Linear, PackedLinear, is_native_int4, is_native_int8
 
 
 def native_or_skip():
@@ -17,7 +18,8 @@ def native_or_skip():
         native.check_cpu()
     except native.NativeUnavailable as error:
         pytest.skip(f"the native kernels cannot run here: {error}")
-    if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.paged_attention_kernel(),
+    if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.linear_int4_kernel(),
+                native.paged_attention_kernel(), native.decoder_layers_kernel(),
                 native.rms_norm_kernel(), native.rope_write_kv_kernel()):
         pytest.skip("the native kernels did not build here (see the warning logged)")
 
@@ -92,6 +94,58 @@ def test_packed_int8_linear_stacks_layers_and_matches_their_kernel():
     reference_only = QuantizedLinear(96, 8, LayerQuant("int8", None))
     reference_only.kernel = "reference"  # pinned by the user: left alone
     assert not is_native_int8(reference_only)
+
+
+def int4_weight(out_features, in_features, group_size, seed=0):
+    return quantize_int4(torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)), group_size)
+
+
+def pack_int4(weight):
+    return native.pack_int4_weight(unpack_nibbles(weight.data), weight.scales, weight.zeros)
+
+
+# Tails in N (not a multiple of 16); every group size the int4 format has; `small`'s K = 3072.
+@pytest.mark.parametrize("out_features,in_features,group_size", [(37, 64, 32), (16, 96, 32), (130, 3072, 64),
+                                                                 (70, 256, 128), (48, 512, 256)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_native_int4_linear_matches_an_fp32_reference(out_features, in_features, group_size, rows):
+    native_or_skip()
+    weight = int4_weight(out_features, in_features, group_size)
+    x = bf16(rows, in_features, seed=1)
+    out = native.linear_int4(x, pack_int4(weight), out_features, group_size)
+    expected = x.float() @ weight.dequantize().T  # (q - 8) * scale + zero, in fp32
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-3 * in_features**0.5).all()
+
+
+def test_native_int4_rows_do_not_depend_on_the_row_count():
+    """One row runs 4 tiles at a time, 4 rows one tile at a time: the same sums either way."""
+    native_or_skip()
+    weight = int4_weight(200, 768, 32)  # 13 tiles: 4-tile blocks and single tiles
+    packed, x = pack_int4(weight), bf16(70, 768, seed=1)
+    alone = torch.cat([native.linear_int4(x[i:i + 1], packed, 200, 32) for i in range(70)])
+    for rows in (2, 3, 4, 5, 8, 17, 70):
+        assert torch.equal(native.linear_int4(x[:rows], packed, 200, 32), alone[:rows])
+
+
+def test_native_int4_refuses_a_group_size_it_cannot_take():
+    native_or_skip()
+    weight = int4_weight(16, 64, 32)
+    with pytest.raises(ValueError, match="group size 48"):
+        native.linear_int4(bf16(1, 64), pack_int4(weight), 16, 48)
+
+
+def test_packed_int4_linear_stacks_layers_and_matches_their_kernel():
+    native_or_skip()
+    from model.quant import QuantizedLinear
+
+    weights = [int4_weight(out, 128, 32, seed=out) for out in (32, 20)]
+    layers = [QuantizedLinear.from_weight(weight) for weight in weights]
+    assert all(is_native_int4(layer) for layer in layers)
+    packed, x = PackedInt4Linear(*layers), bf16(5, 128, seed=2)
+    expected = x.float() @ torch.cat([weight.dequantize() for weight in weights]).T
+    assert packed.out_features == 52
+    assert ((packed(x).float() - expected).abs() <= expected.abs() * 2**-8 + 1e-3 * 128**0.5).all()
 
 
 def paged_setup(num_heads=4, num_kv_heads=2, head_dim=32, block_size=4, num_blocks=40, seed=0):
@@ -328,18 +382,19 @@ def test_native_decoder_gives_the_fused_blocks_bits(tokenizer, seed):
     assert_native_decoder_matches_the_modules(lively_tiny_model(tokenizer, seed), seed)
 
 
-def test_native_decoder_takes_int8_layers_and_refuses_int4(tokenizer, tmp_path):
+def test_native_decoder_takes_int8_and_int4_layers_and_refuses_others(tokenizer, tmp_path):
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.quant import quantize_checkpoint
     from server.engine.worker import ModelWorker
 
     native_or_skip()
     save_checkpoint(tmp_path / "bf16", lively_tiny_model(tokenizer, 0), tokenizer)
-    int8 = load_checkpoint(quantize_checkpoint(tmp_path / "bf16", tmp_path / "int8", "int8").out).model
-    assert_native_decoder_matches_the_modules(int8, 0)
-    int4 = load_checkpoint(quantize_checkpoint(tmp_path / "bf16", tmp_path / "int4", "int4", 32).out).model
-    worker = ModelWorker(int4, 16, 16)
-    assert worker.num_packed_matmuls > 0 and worker.native_decoder is None  # int4 keeps the module path
+    for method, group_size in (("int8", None), ("int4", 32)):
+        folder = quantize_checkpoint(tmp_path / "bf16", tmp_path / f"{method}-{group_size}", method, group_size).out
+        assert_native_decoder_matches_the_modules(load_checkpoint(folder).model, 0)
+    int8_g32 = load_checkpoint(quantize_checkpoint(tmp_path / "bf16", tmp_path / "int8-32", "int8", 32).out).model
+    worker = ModelWorker(int8_g32, 16, 16)  # int8 in groups: model/quant.py's kernels, so the module path
+    assert worker.num_packed_matmuls > 0 and worker.native_decoder is None
 
 
 def test_native_decoder_is_off_with_the_kernels_off(tokenizer, fresh_kernel_cache, monkeypatch):

@@ -27,6 +27,8 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
                         int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
 int hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
                        int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
+int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, uint16_t *y, int64_t ldy,
+                       int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size, int num_threads);
 int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *keys,
                            const uint16_t *values, int64_t kv_head_stride, const int32_t *block_ids,
                            const int64_t *table_offsets, const int32_t *positions, uint16_t *out, int64_t num_rows,
@@ -37,15 +39,16 @@ void hearth_rope_write_kv(uint16_t *qkv, int64_t ld, const uint16_t *cos, const 
 int hearth_rms_norm(const uint16_t *x, int64_t ldx, const uint16_t *weight, uint16_t *y, int64_t rows, int64_t dim,
                     float eps, int num_threads);
 
-enum { HEARTH_BF16 = 0, HEARTH_INT8 = 1 };
+enum { HEARTH_BF16 = 0, HEARTH_INT8 = 1, HEARTH_INT4 = 2 };
 
-/* One packed matmul (model/native.py's pack_bf16_weight or pack_int8_weight). */
+/* One packed matmul (model/native.py's pack_bf16_weight, pack_int8_weight or pack_int4_weight). */
 typedef struct {
-    int64_t kind;         /* HEARTH_BF16 or HEARTH_INT8 */
+    int64_t kind;         /* HEARTH_BF16, HEARTH_INT8 or HEARTH_INT4 */
     int64_t out_features; /* N */
     int64_t in_features;  /* K */
     const void *tiles;    /* the packed weight */
-    const float *scales;  /* int8: one per output row (padded to the tiles); bf16: unused */
+    const float *scales;  /* int8: one per output row (padded to the tiles); otherwise unused */
+    int64_t group_size;   /* int4: input columns per scale and zero; otherwise unused */
 } hearth_linear;
 
 typedef struct {
@@ -71,6 +74,9 @@ static int linear(const hearth_linear *w, const uint16_t *x, int64_t ldx, uint16
     if (w->kind == HEARTH_INT8)
         return hearth_linear_int8(x, ldx, (const int8_t *)w->tiles, w->scales, y, w->out_features, rows,
                                   w->out_features, w->in_features, threads);
+    if (w->kind == HEARTH_INT4)
+        return hearth_linear_int4(x, ldx, (const uint8_t *)w->tiles, y, w->out_features, rows, w->out_features,
+                                  w->in_features, w->group_size, threads);
     hearth_linear_bf16(x, ldx, (const uint16_t *)w->tiles, y, w->out_features, rows, w->out_features,
                        w->in_features, threads);
     return 0;

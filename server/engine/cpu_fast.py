@@ -19,7 +19,9 @@ Design choices:
   tests) are left alone.
 - int8 per-channel layers go to the native int8 kernel where it runs (2x
   `_weight_int8pack_mm` for a decode step's rows, batch invariant the same way),
-  stacked and packed straight into its tiles. Other quantized layers keep
+  stacked and packed straight into its tiles; int4 layers with groups of a
+  multiple of 32 to the native int4 kernel (1.3-2.4x `_weight_int4pack_mm_for_cpu`),
+  the same way. Other quantized layers keep
   model/quant.py's kernels, but q/k/v and gate/up are stacked into one quantized
   matmul each (`QuantizedLinear.stacked`: each output column still reads only
   its own row, scales and zeros), so a quantized model also makes 4 calls per
@@ -28,7 +30,7 @@ Design choices:
   the kernel runs, with model.decoder.RMSNorm's steps and roundings.
 - The fused modules keep model.decoder's call signatures, so `Transformer`
   runs them unchanged; their forward mirrors the original's few lines.
-- When every layer ended up native (bf16 or int8 per-channel weights, the paged
+- When every layer ended up native (bf16, int8 per-channel or int4 weights, the paged
   cache's native attention), `NativeDecoder` runs all of a step's layers in one
   native call (model/csrc/decoder_layers.c) over the same packed weights: the
   same kernels in the same order, without ~12 Python-level calls a layer
@@ -103,6 +105,32 @@ class PackedInt8Linear(nn.Module):
         return native.linear_int8(x, self.packed, self.out_features)
 
 
+def is_native_int4(module: nn.Module) -> bool:
+    """An int4 layer the native int4 kernel can take: group size a multiple of 32 (unless pinned to the reference)."""
+    return (type(module) is QuantizedLinear and module.spec.method == "int4" and module.spec.group_size is not None
+            and module.spec.group_size % 32 == 0 and module.kernel == "auto" and module.scales.device.type == "cpu"
+            and native.linear_int4_kernel() is not None)
+
+
+class PackedInt4Linear(nn.Module):
+    """y = x @ W.T for int4 layers of one group size (several stacked by rows), W = (q - 8) * scale + zero
+    per group, in the native int4 kernel's tiles; held once, in that layout only (nothing here is saved)."""
+
+    def __init__(self, *layers: QuantizedLinear):
+        super().__init__()
+        from model.quant_kernels import unpack_nibbles
+
+        weights = [layer.quantized_weight() for layer in layers]
+        codes = torch.cat([unpack_nibbles(w.data) for w in weights])  # [sum of out, in] uint8
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.group_size = layers[0].spec.group_size
+        self.packed = native.pack_int4_weight(codes, torch.cat([w.scales for w in weights]),
+                                              torch.cat([w.zeros for w in weights]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return native.linear_int4(x, self.packed, self.out_features, self.group_size)
+
+
 def fused_linear(*linears: nn.Module) -> nn.Module | None:
     """One module computing `linears` (same input) stacked by rows, or None when they cannot be fused:
     plain bf16 linears become one packed matmul (native or oneDNN), int8 per-channel ones one native
@@ -112,6 +140,8 @@ def fused_linear(*linears: nn.Module) -> nn.Module | None:
         return PackedLinear(*linears)
     if all(is_native_int8(m) for m in linears) and len({m.in_features for m in linears}) == 1:
         return PackedInt8Linear(*linears)
+    if all(is_native_int4(m) for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
+        return PackedInt4Linear(*linears)
     if all(type(m) is QuantizedLinear for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
         return linears[0] if len(linears) == 1 else QuantizedLinear.stacked(*linears)
     return None
@@ -212,7 +242,8 @@ def pack_model(model: nn.Module) -> int:
                 setattr(model, name, FusedBlock(child))
         else:
             setattr(model, name, replacement)
-            count += sum(1 for m in replacement.modules() if isinstance(m, (PackedLinear, PackedInt8Linear, QuantizedLinear)))
+            count += sum(1 for m in replacement.modules()
+                         if isinstance(m, (PackedLinear, PackedInt8Linear, PackedInt4Linear, QuantizedLinear)))
     return count
 
 
@@ -225,8 +256,10 @@ def packed_replacement(module: nn.Module) -> nn.Module | None:
         return FusedMLP(module, gate_up, down) if gate_up is not None and down is not None else None
     if is_plain_bf16_linear(module):
         return PackedLinear(module)
-    if is_native_int8(module):  # an int8 LM head
+    if is_native_int8(module):  # a quantized LM head
         return PackedInt8Linear(module)
+    if is_native_int4(module):
+        return PackedInt4Linear(module)
     if can_use_native_norm(module):
         return NativeRMSNorm(module)
     return None
@@ -241,6 +274,9 @@ def native_linear_weights(module: nn.Module) -> native.LinearWeights | None:
         tiles, scales = module.packed
         return native.LinearWeights(native.INT8_KIND, module.out_features, module.in_features, tiles.data_ptr(),
                                     scales.data_ptr())
+    if type(module) is PackedInt4Linear:
+        return native.LinearWeights(native.INT4_KIND, module.out_features, module.in_features,
+                                    module.packed.data_ptr(), None, module.group_size)
     return None
 
 
