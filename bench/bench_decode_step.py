@@ -14,7 +14,7 @@ Two measurements behind README's Engine section:
   sampling, with the layers run in one native call (server/engine/cpu_fast.NativeDecoder) and as
   FusedBlock modules, alternated; then the modules with every packed bf16 linear replaced by an
   empty output of its shape, which leaves the rest of the body (norms, rotary, paged attention).
-  `--quantize int8` does the same for the int8 per-channel model.
+  `--quantize int8` (or int4) does the same for the int8 per-channel (int4 g32) model.
 
 Two more parts, on demand: `--part attention` times the native paged attention alone (decode rows over
 cached keys), `--part calls` the fixed Python cost of a native call and of nn.Module.__call__.
@@ -175,7 +175,7 @@ def step_rows(checkpoint: Path, steps: int, rounds: int = 3) -> list[tuple[str, 
                 for name, ms in parts.items():
                     samples.setdefault(f"{name}, layers as {mode}", []).append(ms)
         worker.native_decoder = None
-        linear_classes = (cpu_fast.PackedLinear, cpu_fast.PackedInt8Linear)
+        linear_classes = (cpu_fast.PackedLinear, cpu_fast.PackedInt8Linear, cpu_fast.PackedInt4Linear)
         real_forwards = [cls.forward for cls in linear_classes]
         for cls in linear_classes:
             cls.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
@@ -224,8 +224,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("both", "kernels", "step", "attention", "calls"), default="both",
                         help="both: kernels and step; attention and calls need the native kernels")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint (default: random `small`)")
-    parser.add_argument("--quantize", choices=("int8",), default=None,
-                        help="step: quantize the checkpoint first (int8 per channel)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="step: quantize the checkpoint first (int8 per channel, int4 in groups of 32)")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -254,8 +254,9 @@ def main() -> None:
             if args.quantize:
                 from model.quant import quantize_checkpoint
 
+                group_size = 32 if args.quantize == "int4" else None
                 checkpoint = run_in_fresh_thread(quantize_checkpoint, checkpoint, Path(tmp) / args.quantize,
-                                                 args.quantize).out
+                                                 args.quantize, group_size).out
             rows = step_rows(checkpoint, args.steps)
         print(f"\n| single-stream {args.quantize or 'bf16'} decode step (median of 3) | ms |\n|---|---|")
         for name, ms in rows:

@@ -42,13 +42,16 @@ static inline __mmask32 tail_mask(int64_t k, int64_t k_size) {
     return k + CHUNK_K <= k_size ? 0xffffffffu : (__mmask32)((1ull << (k_size - k)) - 1);
 }
 
-/* One tile of 4 weight rows against 4 rows of X: 16 accumulators in registers. */
+/* One tile of 4 weight rows against 4 rows of X: 16 accumulators in registers. With `ahead`,
+ * each chunk also prefetches `ahead_lines` cache lines (of its 4) at the same place in the next
+ * block of tiles (see hearth_linear_bf16). */
 static void tile_4rows(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy,
-                       int64_t num_out, int64_t k_size) {
+                       int64_t num_out, int64_t k_size, const uint16_t *ahead, int ahead_lines) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
-    for (int64_t k = 0; k < k_size; k += CHUNK_K, w += TILE_N * CHUNK_K) {
+    for (int64_t k = 0; k < k_size; k += CHUNK_K, w += TILE_N * CHUNK_K, ahead += TILE_N * CHUNK_K) {
         const __mmask32 mask = tail_mask(k, k_size);
+        for (int line = 0; line < ahead_lines; line++) _mm_prefetch((const char *)(ahead + 32 * line), _MM_HINT_T1);
         LOAD_W(w);
         __m512bh xa = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
         __m512bh xb = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + ldx + k);
@@ -75,7 +78,11 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
     const int64_t num_tiles = (n_size + TILE_N - 1) / TILE_N;
     const int64_t num_blocks = (num_tiles + BLOCK_TILES - 1) / BLOCK_TILES;
     const int64_t k_padded = (k_size + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
-    /* A block of tiles (its weights stay in L2) meets every 4-row slice of X (in L1) before the next block. */
+    /* A block of tiles (its weights stay in L2) meets every 4-row slice of X (in L1) before the next block.
+     * The first slice waits on memory, the others compute from L2 with memory idle: so the second and
+     * third 4-row slices prefetch the next block into L2 (half its lines each; all of them in the
+     * second when there is no full third), which took 16 rows from ~150 to ~200 GFLOP/s on cold
+     * weights. Prefetching changes no arithmetic. */
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t block = 0; block < num_blocks; block++) {
         const int64_t first_tile = block * BLOCK_TILES;
@@ -87,7 +94,10 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
                 const int64_t n = t * TILE_N;
                 uint16_t *y_tile = y + m * ldy + n;
                 if (m + 4 <= m_size) {
-                    tile_4rows(x_rows, ldx, w_tile, y_tile, ldy, n_size - n, k_size);
+                    const int full_slices = (int)(m_size / 4), slice = (int)(m / 4);
+                    const int lines = block + 1 == num_blocks || slice == 0 || slice > 2 ? 0 : full_slices >= 3 ? 2 : slice == 1 ? 4 : 0;
+                    const uint16_t *ahead = lines ? w_tile + BLOCK_TILES * TILE_N * k_padded + (slice == 2 ? 64 : 0) : w_tile;
+                    tile_4rows(x_rows, ldx, w_tile, y_tile, ldy, n_size - n, k_size, ahead, lines);
                 } else {
                     for (int64_t row = 0; m + row < m_size; row++)
                         tile_1row(x_rows + row * ldx, w_tile, y_tile + row * ldy, n_size - n, k_size);
