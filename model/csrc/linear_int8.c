@@ -36,12 +36,16 @@
          if (num_out > 2) o[2] = to_bf16(_mm512_reduce_add_ps(a##2) * scale[2]);                    \
          if (num_out > 3) o[3] = to_bf16(_mm512_reduce_add_ps(a##3) * scale[3]); } while (0)
 
-/* 4 weight rows against 4 rows of X (fp32, row stride k_padded): 16 accumulators in registers. */
+/* 4 weight rows against 4 rows of X (fp32, row stride k_padded): 16 accumulators in registers.
+ * With `ahead` (else NULL), each chunk also prefetches its cache line at the same place in the
+ * next block of tiles (see hearth_linear_int8). */
 static void tile_4rows(const float *x, int64_t k_padded, const int8_t *w, const float *scale, uint16_t *y,
-                       int64_t ldy, int64_t num_out) {
+                       int64_t ldy, int64_t num_out, const int8_t *ahead) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+    const int8_t *ahead_start = w;
     for (int64_t k = 0; k < k_padded; k += CHUNK_K, w += TILE_N * CHUNK_K) {
+        if (ahead) _mm_prefetch((const char *)(ahead + (w - ahead_start)), _MM_HINT_T1);
         LOAD_W(w);
         __m512 xa = _mm512_loadu_ps(x + k), xb = _mm512_loadu_ps(x + k_padded + k);
         __m512 xc = _mm512_loadu_ps(x + 2 * k_padded + k), xd = _mm512_loadu_ps(x + 3 * k_padded + k);
@@ -93,7 +97,10 @@ int hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, c
                 const int64_t n = t * TILE_N;
                 uint16_t *y_tile = y + m * ldy + n;
                 if (m + 4 <= m_size) {
-                    tile_4rows(x_rows, k_padded, w_tile, scales + n, y_tile, ldy, n_size - n);
+                    /* The first 4-row slice waits on memory; the second computes from L2 with memory
+                     * idle, so it prefetches the next block into L2 (as linear_bf16.c). Same bits. */
+                    const int8_t *ahead = m == 4 && block + 1 < num_blocks ? w_tile + BLOCK_TILES * TILE_N * k_padded : NULL;
+                    tile_4rows(x_rows, k_padded, w_tile, scales + n, y_tile, ldy, n_size - n, ahead);
                 } else {
                     for (int64_t row = 0; m + row < m_size; row++)
                         tile_1row(x_rows + row * k_padded, k_padded, w_tile, scales + n, y_tile + row * ldy, n_size - n);
