@@ -269,30 +269,33 @@ def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     return on_huge_pages(pack_tiles(codes, INT8_CHUNK)), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
 
 
-INT4_TILE_ROWS = 16  # TILE_N of linear_int4.c
+INT4_TILE_ROWS, INT4_QUAD = 16, 4  # TILE_N and QUAD of linear_int4.c
 
 
 def pack_int4_weight(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     """uint8 codes [N, K] (0..15) with bf16 scales and zeros [N, K / group] -> csrc/linear_int4.c's
-    tiles, uint8 [ceil(N/16), groups, group * 8 + 64], on huge pages where it can.
+    quads of 4 tiles of 16 rows, uint8 [ceil(N/64), groups, group * 32 + 256], on huge pages where it can.
 
-    A tile's group: 32 bytes per 4 input columns (byte 2l + h holds row l's column 2c + h in its
-    low nibble, 2c + 2 + h in its high one), then the 16 rows' scales and their 16 zeros."""
+    A quad's group: for each 4 input columns, 32 bytes per tile, the 4 tiles side by side (byte 2l + h
+    of a tile's 32 holds its row l's column 2c + h in the low nibble, 2c + 2 + h in the high one);
+    then each tile's 16 scales and 16 zeros."""
     out_features, in_features = codes.shape
     num_groups = scales.shape[1]
     group_size = in_features // num_groups
-    padding = -out_features % INT4_TILE_ROWS
+    quad_rows = INT4_QUAD * INT4_TILE_ROWS
+    padding = -out_features % quad_rows
     codes = F.pad(codes.to(torch.uint8), (0, 0, 0, padding))
     scales, zeros = (F.pad(t.to(torch.bfloat16), (0, 0, 0, padding)) for t in (scales, zeros))
-    num_tiles = codes.shape[0] // INT4_TILE_ROWS
-    # [N', K] -> [tiles, 16 rows, groups, 4-column chunks, 4]; columns 2c + h | 2c + 2 + h -> one byte
-    quads = codes.view(num_tiles, INT4_TILE_ROWS, num_groups, group_size // 4, 4)
-    packed = quads[..., :2] | (quads[..., 2:] << 4)  # [tiles, 16, groups, chunks, 2]
-    # -> [tiles, groups, chunks, 16 rows, 2]: byte 2l + h of each 32-byte chunk
-    packed = packed.permute(0, 2, 3, 1, 4).reshape(num_tiles, num_groups, group_size * INT4_TILE_ROWS // 2)
-    # [N', groups] -> [tiles, groups, 16] each -> [tiles, groups, 2, 16] bf16 -> 64 bytes a group
-    scale_zero = torch.stack([t.view(num_tiles, INT4_TILE_ROWS, num_groups).transpose(1, 2) for t in (scales, zeros)], 2)
-    scale_zero = scale_zero.contiguous().view(torch.uint8).view(num_tiles, num_groups, -1)
+    num_quads = codes.shape[0] // quad_rows
+    # [N', K] -> [quads, 4 tiles, 16 rows, groups, 4-column chunks, 4]; columns 2c + h | 2c + 2 + h -> one byte
+    quads = codes.view(num_quads, INT4_QUAD, INT4_TILE_ROWS, num_groups, group_size // 4, 4)
+    packed = quads[..., :2] | (quads[..., 2:] << 4)  # [quads, 4, 16, groups, chunks, 2]
+    # -> [quads, groups, chunks, 4 tiles, 16 rows, 2]: 128 bytes a chunk, byte 2l + h of each tile's 32
+    packed = packed.permute(0, 3, 4, 1, 2, 5).reshape(num_quads, num_groups, group_size * quad_rows // 2)
+    # [N', groups] -> [quads, groups, 4 tiles, 16] each -> [quads, groups, 4, 2, 16] bf16 -> 256 bytes a group
+    scale_zero = torch.stack([t.view(num_quads, INT4_QUAD, INT4_TILE_ROWS, num_groups).permute(0, 3, 1, 2)
+                              for t in (scales, zeros)], 3)
+    scale_zero = scale_zero.contiguous().view(torch.uint8).view(num_quads, num_groups, -1)
     return on_huge_pages(torch.cat([packed, scale_zero], dim=-1).contiguous())
 
 

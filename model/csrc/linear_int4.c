@@ -3,13 +3,15 @@
  * int4 format: codes q in 0..15, bf16 scales and zeros per output row and group). X, Y: bf16.
  *
  * Why it exists: an int4 decode step reads 0.625 bytes a weight, a quarter of bf16's, but
- * PyTorch's `_weight_int4pack_mm_for_cpu` streams them at ~8 GB/s here (bench_decode_step.py),
+ * PyTorch's `_weight_int4pack_mm_for_cpu` streams them at ~14-19 GB/s here (bench_decode_step.py),
  * so int4 decoded no faster than int8. This kernel needs no dequantized weight and no lane sums:
  *
- * - Lanes are output rows. W is packed once into tiles of 16 output rows; in a tile, group by
- *   group, 32 bytes hold 4 input columns of the 16 rows (byte 2l + h: row l, column 2c + h in its
- *   low nibble and column 2c + 2 + h in its high one), the group's 16 scales and 16 zeros (bf16)
- *   after its codes. A tile is one sequential stream.
+ * - Lanes are output rows: a tile is 16 rows. Tiles go in quads (64 rows), packed once so that a
+ *   quad is one sequential stream: group by group, for each 4 input columns, 32 bytes per tile
+ *   (byte 2l + h: row l, column 2c + h in its low nibble and 2c + 2 + h in its high one), the
+ *   quad's 4 tiles side by side; after a group's codes, each tile's 16 scales and 16 zeros (bf16).
+ *   (One row reads a whole quad at once, 4 accumulator sets: as one stream it ran 1.3x the same
+ *   kernel over 4 separate tile streams.)
  * - A nibble becomes the bf16 of 128 + q by an OR with 0x4300 (128.0), exact; `vdpbf16ps` then
  *   takes a pair of columns of 16 rows against a broadcast pair of x. Per group and lane,
  *   dot = sum x (128 + q), so sum x w = scale * dot + (zero - 136 * scale) * sum x over the group,
@@ -20,7 +22,7 @@
  * y = fma(zero - 136 scale, sum x, y), groups in order; rounded to bf16 (nearest even). The same
  * for a 4-tile block of one row and a tile of 4 rows, so a row's result does not depend on the row
  * count (batch invariance). The 128 q offset costs ~1e-6 relative (fp32), far under bf16's 4e-3.
- * group_size must be a multiple of 32 and divide K; N is padded to 16 in the tiles.
+ * group_size must be a multiple of 32 and divide K; N is padded to 64 (a quad) in the packing.
  */
 #include "bf16.h"
 
@@ -30,9 +32,11 @@
 #include <string.h>
 
 #define TILE_N 16
-#define BLOCK_TILES 8 /* 128 rows: 61 KB at K = 768 with group 32 */
+#define QUAD 4        /* tiles */
+#define BLOCK_QUADS 2 /* 128 rows: 61 KB at K = 768 with group 32 */
 
-static inline int64_t group_bytes(int64_t group_size) { return group_size * TILE_N / 2 + 2 * TILE_N * 2; }
+/* Bytes of one group of one quad: 4 tiles' codes (16 rows x group_size / 2) and scales and zeros. */
+static inline int64_t quad_group_bytes(int64_t group_size) { return QUAD * (group_size * TILE_N / 2 + 2 * TILE_N * 2); }
 
 static inline __m512bh broadcast_pair(const uint16_t *x) {
     int32_t pair;
@@ -40,12 +44,12 @@ static inline __m512bh broadcast_pair(const uint16_t *x) {
     return (__m512bh)_mm512_set1_epi32(pair);
 }
 
-/* `nt` tiles (consecutive, tile_bytes apart) against `nr` rows of X: nt * nr outputs of 16 lanes.
+/* Tiles first..first + nt - 1 of a quad against `nr` rows of X: nt * nr outputs of 16 lanes.
  * Called with constants, so the loops unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void int4_block(
     const int nt, const int nr, const uint16_t *x, int64_t ldx, const float *sums, int64_t num_groups,
-    int64_t group_size, const uint8_t *tile, int64_t tile_bytes, uint16_t *y, int64_t ldy, int64_t num_out) {
-    const int64_t chunks = group_size / 4, stride = group_bytes(group_size);
+    int64_t group_size, const uint8_t *quad, int first, uint16_t *y, int64_t ldy, int64_t num_out) {
+    const int64_t chunks = group_size / 4, stride = quad_group_bytes(group_size);
     const __m512i nibble = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
     __m512 acc[4][4];
     for (int t = 0; t < nt; t++)
@@ -62,7 +66,7 @@ static inline __attribute__((always_inline)) void int4_block(
                 xb[r] = broadcast_pair(xg + r * ldx + 4 * c + 2);
             }
             for (int t = 0; t < nt; t++) {
-                const uint8_t *w = tile + t * tile_bytes + g * stride + 32 * c;
+                const uint8_t *w = quad + g * stride + 32 * (QUAD * c + first + t);
                 const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)w));
                 /* (v & 0xF) | 0x4300 in each 16-bit lane: bf16 128 + q */
                 const __m512bh low = (__m512bh)_mm512_ternarylogic_epi32(bytes, nibble, magic, 0xEA);
@@ -74,7 +78,7 @@ static inline __attribute__((always_inline)) void int4_block(
             }
         }
         for (int t = 0; t < nt; t++) {
-            const uint16_t *scale_zero = (const uint16_t *)(tile + t * tile_bytes + g * stride + 32 * chunks);
+            const uint16_t *scale_zero = (const uint16_t *)(quad + g * stride + 32 * QUAD * chunks + 64 * (first + t));
             const __m512 scale = load_bf16x16(scale_zero), zero = load_bf16x16(scale_zero + TILE_N);
             const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);
             for (int r = 0; r < nr; r++) {
@@ -102,31 +106,26 @@ static void group_sums(const uint16_t *x, int64_t ldx, int64_t m_size, int64_t n
         }
 }
 
-/* One block of tiles against every row: 4-tile blocks for a single row (4 weight streams in
- * flight), tiles of 4 rows otherwise; what is left goes one tile, one row at a time. */
+/* One block of quads against every row: a whole quad at a time for a single row (one weight
+ * stream, 4 accumulator sets); two tiles (a cache line of each chunk) of 4 rows at a time
+ * otherwise, which beat one tile of 4 rows and a quad of 2 rows at 16-256 rows on cold weights;
+ * rows left over go one at a time. */
 static void run_block(const uint16_t *x, int64_t ldx, const float *sums, int64_t m_size, int64_t num_groups,
-                      int64_t group_size, const uint8_t *w_packed, int64_t first_tile, int64_t end_tile,
+                      int64_t group_size, const uint8_t *w_packed, int64_t first_quad, int64_t end_quad,
                       uint16_t *y, int64_t ldy, int64_t n_size) {
-    const int64_t tile_bytes = num_groups * group_bytes(group_size);
+    const int64_t quad_bytes = num_groups * quad_group_bytes(group_size);
     for (int64_t m = 0; m < m_size; m += 4) {
         const int64_t rows = m_size - m < 4 ? m_size - m : 4;
-        const uint16_t *xm = x + m * ldx;
-        const float *sm = sums + m * num_groups;
-        int64_t t = first_tile;
-        if (rows == 1)
-            for (; t + 4 <= end_tile; t += 4)
-                int4_block(4, 1, xm, ldx, sm, num_groups, group_size, w_packed + t * tile_bytes, tile_bytes,
-                           y + m * ldy + t * TILE_N, ldy, n_size - t * TILE_N);
-        for (; t < end_tile; t++) {
-            const uint8_t *tile = w_packed + t * tile_bytes;
-            uint16_t *yt = y + m * ldy + t * TILE_N;
-            if (rows == 4) {
-                int4_block(1, 4, xm, ldx, sm, num_groups, group_size, tile, tile_bytes, yt, ldy, n_size - t * TILE_N);
-            } else {
-                for (int64_t r = 0; r < rows; r++)
-                    int4_block(1, 1, xm + r * ldx, ldx, sm + r * num_groups, num_groups, group_size, tile,
-                               tile_bytes, yt + r * ldy, ldy, n_size - t * TILE_N);
-            }
+        for (int64_t q = first_quad; q < end_quad; q++) {
+            const uint8_t *quad = w_packed + q * quad_bytes;
+            const int64_t n = q * QUAD * TILE_N;
+            for (int64_t r = rows == 4 ? 4 : 0; r < rows; r++)
+                int4_block(4, 1, x + (m + r) * ldx, ldx, sums + (m + r) * num_groups, num_groups, group_size, quad,
+                           0, y + (m + r) * ldy + n, ldy, n_size - n);
+            if (rows == 4)
+                for (int t = 0; t < QUAD; t += 2)
+                    int4_block(2, 4, x + m * ldx, ldx, sums + m * num_groups, num_groups, group_size, quad, t,
+                               y + m * ldy + n + t * TILE_N, ldy, n_size - n - t * TILE_N);
         }
     }
 }
@@ -136,16 +135,16 @@ int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, 
                        int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size, int num_threads) {
     if (group_size <= 0 || group_size % 32 || k_size % group_size) return -2;
     const int64_t num_groups = k_size / group_size;
-    const int64_t num_tiles = (n_size + TILE_N - 1) / TILE_N;
-    const int64_t num_blocks = (num_tiles + BLOCK_TILES - 1) / BLOCK_TILES;
+    const int64_t num_quads = (n_size + QUAD * TILE_N - 1) / (QUAD * TILE_N);
+    const int64_t num_blocks = (num_quads + BLOCK_QUADS - 1) / BLOCK_QUADS;
     float *sums = malloc((size_t)(m_size * num_groups) * sizeof(float));
     if (!sums) return -1;
     group_sums(x, ldx, m_size, num_groups, group_size, sums);
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t block = 0; block < num_blocks; block++) {
-        const int64_t first_tile = block * BLOCK_TILES;
-        const int64_t end_tile = first_tile + BLOCK_TILES < num_tiles ? first_tile + BLOCK_TILES : num_tiles;
-        run_block(x, ldx, sums, m_size, num_groups, group_size, w_packed, first_tile, end_tile, y, ldy, n_size);
+        const int64_t first_quad = block * BLOCK_QUADS;
+        const int64_t end_quad = first_quad + BLOCK_QUADS < num_quads ? first_quad + BLOCK_QUADS : num_quads;
+        run_block(x, ldx, sums, m_size, num_groups, group_size, w_packed, first_quad, end_quad, y, ldy, n_size);
     }
     free(sums);
     return 0;
