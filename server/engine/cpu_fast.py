@@ -20,7 +20,7 @@ Design choices:
 - int8 per-channel layers go to the native int8 kernel where it runs (2x
   `_weight_int8pack_mm` for a decode step's rows, batch invariant the same way),
   stacked and packed straight into its tiles; int4 layers with groups of a
-  multiple of 32 to the native int4 kernel (1.3-2.4x `_weight_int4pack_mm_for_cpu`),
+  multiple of 32 to the native int4 kernel (1.6-2x `_weight_int4pack_mm_for_cpu`),
   the same way. Other quantized layers keep
   model/quant.py's kernels, but q/k/v and gate/up are stacked into one quantized
   matmul each (`QuantizedLinear.stacked`: each output column still reads only
