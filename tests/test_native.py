@@ -403,3 +403,19 @@ def test_native_decoder_is_off_with_the_kernels_off(tokenizer, fresh_kernel_cach
     monkeypatch.setenv("HEARTH_NATIVE_KERNELS", "0")
     worker = ModelWorker(lively_tiny_model(tokenizer, 0), 16, 16)
     assert worker.native_decoder is None and not worker.cache.uses_native_kernel
+
+
+def test_packed_weights_are_copied_to_huge_page_memory_unchanged():
+    small = bf16(8, 64)
+    assert native.on_huge_pages(small) is small  # under 2 MB: left as it is
+    big = torch.randint(-127, 128, (3 << 20,), dtype=torch.int8).view(1024, -1)  # 3 MB
+    copy = native.on_huge_pages(big)
+    assert torch.equal(copy, big) and copy.is_contiguous() and copy.data_ptr() != big.data_ptr()
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert copy.data_ptr() % native.HUGE_PAGE == 0  # starts on a 2 MB boundary, so its first 2 MB can be one page
+    import gc
+
+    expected = big.clone()
+    del big
+    gc.collect()  # the mapping is referenced by the tensor alone now
+    assert torch.equal(copy, expected)
