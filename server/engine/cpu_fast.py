@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from model import native
 from model.decoder import MLP, Attention, Block, KVCache, RMSNorm, Transformer, apply_rope
 from model.quant import QuantizedLinear
+from server.engine.kv_cache import PagedKVCache
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -301,7 +302,7 @@ class NativeDecoder:
     live as long as the worker; `build` returns None unless every layer is native.
     """
 
-    def __init__(self, model: Transformer, cache, layers: ctypes.Array):
+    def __init__(self, model: Transformer, cache: PagedKVCache, layers: ctypes.Array):
         self.model, self.cache, self.layers = model, cache, layers
         config = model.config
         # cos and sin of every position, once: model.rope's values (elementwise, so the same bits as
@@ -314,7 +315,7 @@ class NativeDecoder:
                           block_size=cache.block_size, norm_eps=config.norm_eps, attention_scale=cache.scale)
 
     @classmethod
-    def build(cls, model: Transformer, cache) -> NativeDecoder | None:
+    def build(cls, model: Transformer, cache: PagedKVCache) -> NativeDecoder | None:
         config = model.config
         if (not getattr(cache, "uses_native_kernel", False) or config.dim % 16 or config.ffn_dim % 16
                 or native.decoder_layers_kernel() is None):
