@@ -55,7 +55,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
 CPU_FLAGS_NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 TILE_ROWS = 4  # TILE_N of both C files
-BF16_CHUNK, INT8_CHUNK = 32, 16  # CHUNK_K of linear_bf16.c and linear_int8.c
+BF16_CHUNK, INT8_CHUNK = 32, 32  # CHUNK_K of linear_bf16.c and linear_int8.c
 
 
 class NativeUnavailable(Exception):
@@ -119,8 +119,8 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
     "hearth_linear_bf16": ("linear_bf16", [POINTER, INT64, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], None),
     # x, ldx, packed w, y, ldy, M, N, K, group size, threads -> 0, -1 (out of memory), -2 (group size)
     "hearth_linear_int4": ("linear_int4", [POINTER, INT64, POINTER, POINTER, INT64, INT64, INT64, INT64, INT64, INT], INT),
-    # x, ldx, packed w, scales, y, ldy, M, N, K, threads -> 0, or -1 when out of memory
-    "hearth_linear_int8": ("linear_int8", [POINTER, INT64, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], INT),
+    # x, ldx, packed w, scales, y, ldy, M, N, K, threads
+    "hearth_linear_int8": ("linear_int8", [POINTER, INT64, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT], None),
     # q, q row stride, q head stride, keys, values, kv head stride, block ids, table offsets, positions, out,
     # rows, heads, kv heads, head dim, block size, scale, threads -> 0, -1 (out of memory), -2 (head dim)
     "hearth_paged_attention": ("paged_attention", [POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, POINTER,
@@ -263,8 +263,8 @@ def pack_bf16_weight(weight: Tensor) -> Tensor:
 
 
 def pack_int8_weight(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 [N, K] and [N] scales -> csrc/linear_int8.c's tiles (16 columns, one cache line a chunk,
-    on huge pages where it can) and fp32 scales padded to the tiles' rows."""
+    """int8 [N, K] and [N] scales -> csrc/linear_int8.c's tiles (32 columns a chunk, on huge pages
+    where it can) and fp32 scales padded to the tiles' rows."""
     padded_out = -(-codes.shape[0] // TILE_ROWS) * TILE_ROWS
     return on_huge_pages(pack_tiles(codes, INT8_CHUNK)), F.pad(scales.float(), (0, padded_out - codes.shape[0])).contiguous()
 
@@ -329,10 +329,8 @@ def linear_int8(x: Tensor, packed: tuple[Tensor, Tensor], out_features: int) -> 
     rows = as_rows(x)
     tiles, scales = packed
     out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    status = linear_int8_kernel()(rows.data_ptr(), rows.stride(0), tiles.data_ptr(), scales.data_ptr(), out.data_ptr(),
-                                  out_features, rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"native int8 linear: no memory for a {rows.shape[0]} x {rows.shape[1]} fp32 copy of its input")
+    linear_int8_kernel()(rows.data_ptr(), rows.stride(0), tiles.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                         out_features, rows.shape[0], out_features, rows.shape[1], torch.get_num_threads())
     return as_input_shape(out, x)
 
 

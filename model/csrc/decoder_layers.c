@@ -25,8 +25,8 @@
 /* The kernels of the other files, linked into this library. */
 void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed, uint16_t *y, int64_t ldy,
                         int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
-int hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
-                       int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
+void hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
+                        int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
 int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, uint16_t *y, int64_t ldy,
                        int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size, int num_threads);
 int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *keys,
@@ -71,9 +71,11 @@ typedef struct {
 
 /* y = x @ W.T (M rows, y contiguous). Returns the kernel's status. */
 static int linear(const hearth_linear *w, const uint16_t *x, int64_t ldx, uint16_t *y, int64_t rows, int threads) {
-    if (w->kind == HEARTH_INT8)
-        return hearth_linear_int8(x, ldx, (const int8_t *)w->tiles, w->scales, y, w->out_features, rows,
-                                  w->out_features, w->in_features, threads);
+    if (w->kind == HEARTH_INT8) {
+        hearth_linear_int8(x, ldx, (const int8_t *)w->tiles, w->scales, y, w->out_features, rows, w->out_features,
+                           w->in_features, threads);
+        return 0;
+    }
     if (w->kind == HEARTH_INT4)
         return hearth_linear_int4(x, ldx, (const uint8_t *)w->tiles, y, w->out_features, rows, w->out_features,
                                   w->in_features, w->group_size, threads);
