@@ -132,6 +132,8 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
     "hearth_rms_norm": ("rms_norm", [POINTER, INT64, POINTER, POINTER, INT64, INT64, FLOAT, INT], INT),
     # x, rows, layers (LayerWeights array), layer count, step (StepShape), threads -> 0, -1 (out of memory), -2 (shape)
     "hearth_decoder_layers": ("decoder_layers", [POINTER, INT64, POINTER, INT64, POINTER, INT], INT),
+    # gate_up, out, rows, ffn dim, threads (the decoder's SwiGLU, for the tests)
+    "hearth_silu_mul": ("decoder_layers", [POINTER, POINTER, INT64, INT64, INT], None),
 }
 
 
@@ -277,7 +279,7 @@ def pack_int4_weight(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     quads of 4 tiles of 16 rows, uint8 [ceil(N/64), groups, group * 32 + 256], on huge pages where it can.
 
     A quad's group: for each 4 input columns, 32 bytes per tile, the 4 tiles side by side (byte 2l + h
-    of a tile's 32 holds its row l's column 2c + h in the low nibble, 2c + 2 + h in the high one);
+    of a tile's 32 in chunk c holds its row l's column 4c + h in the low nibble, 4c + 2 + h in the high one);
     then each tile's 16 scales and 16 zeros."""
     out_features, in_features = codes.shape
     num_groups = scales.shape[1]
@@ -287,7 +289,7 @@ def pack_int4_weight(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     codes = F.pad(codes.to(torch.uint8), (0, 0, 0, padding))
     scales, zeros = (F.pad(t.to(torch.bfloat16), (0, 0, 0, padding)) for t in (scales, zeros))
     num_quads = codes.shape[0] // quad_rows
-    # [N', K] -> [quads, 4 tiles, 16 rows, groups, 4-column chunks, 4]; columns 2c + h | 2c + 2 + h -> one byte
+    # [N', K] -> [quads, 4 tiles, 16 rows, groups, 4-column chunks, 4]; columns 4c + h | 4c + 2 + h -> one byte
     quads = codes.view(num_quads, INT4_QUAD, INT4_TILE_ROWS, num_groups, group_size // 4, 4)
     packed = quads[..., :2] | (quads[..., 2:] << 4)  # [quads, 4, 16, groups, chunks, 2]
     # -> [quads, groups, chunks, 4 tiles, 16 rows, 2]: 128 bytes a chunk, byte 2l + h of each tile's 32
@@ -400,7 +402,8 @@ def decoder_layers(x: Tensor, layers: ctypes.Array, step: StepShape) -> None:
     if status == -1:
         raise MemoryError(f"native decoder layers: no memory for the scratch of {x.shape[0]} rows")
     if status != 0:
-        raise ValueError("native decoder layers: a width is not a multiple of 16 (or head_dim is over 256)")
+        raise ValueError("native decoder layers: a width is not a multiple of 16, head_dim is over 256, "
+                         "or an int4 group size is not a multiple of 32")
 
 
 if __name__ == "__main__":  # build the libraries into the cache now (no CPU check: the image may run elsewhere)

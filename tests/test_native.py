@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import native
 from model.quant_kernels import quantize_int4, quantize_int8, unpack_nibbles
@@ -118,10 +119,22 @@ def test_native_int4_linear_matches_an_fp32_reference(out_features, in_features,
     assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-3 * in_features**0.5).all()
 
 
-def test_native_int4_rows_do_not_depend_on_the_row_count():
-    """One row runs 4 tiles at a time, 4 rows one tile at a time: the same sums either way."""
+def test_native_int4_stays_accurate_when_the_inputs_share_a_large_offset():
+    """sum x (128 + q) - 136 * scale * sum x cancels most when x has a large common part: the
+    result must still be within 4 bf16 steps of fp32."""
     native_or_skip()
-    weight = int4_weight(200, 768, 32)  # 13 tiles: 4-tile blocks and single tiles
+    weight = int4_weight(64, 4096, 32)
+    x = (10 + torch.randn(3, 4096, generator=torch.Generator().manual_seed(4))).to(torch.bfloat16)
+    out = native.linear_int4(x, pack_int4(weight), 64, 32).float()
+    expected = x.float() @ weight.dequantize().T
+    assert ((out - expected).abs() <= expected.abs() * 2**-5 + 1e-3).all()
+
+
+def test_native_int4_rows_do_not_depend_on_the_row_count():
+    """One row runs a quad (4 tiles) at a time, 4 rows two tiles at a time, leftover rows one by one:
+    the same sums either way."""
+    native_or_skip()
+    weight = int4_weight(200, 768, 32)  # 13 tiles, padded to 4 quads: a masked tail
     packed, x = pack_int4(weight), bf16(70, 768, seed=1)
     alone = torch.cat([native.linear_int4(x[i:i + 1], packed, 200, 32) for i in range(70)])
     for rows in (2, 3, 4, 5, 8, 17, 70):
@@ -410,12 +423,27 @@ def test_packed_weights_are_copied_to_huge_page_memory_unchanged():
     assert native.on_huge_pages(small) is small  # under 2 MB: left as it is
     big = torch.randint(-127, 128, (3 << 20,), dtype=torch.int8).view(1024, -1)  # 3 MB
     copy = native.on_huge_pages(big)
-    assert torch.equal(copy, big) and copy.is_contiguous() and copy.data_ptr() != big.data_ptr()
-    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
-        assert copy.data_ptr() % native.HUGE_PAGE == 0  # starts on a 2 MB boundary, so its first 2 MB can be one page
+    assert torch.equal(copy, big) and copy.is_contiguous()
+    if copy is big:  # no madvise here (another OS, or a kernel without transparent huge pages): left as it is
+        return
+    assert copy.data_ptr() % native.HUGE_PAGE == 0  # starts on a 2 MB boundary, so its first 2 MB can be one page
     import gc
 
     expected = big.clone()
     del big
     gc.collect()  # the mapping is referenced by the tensor alone now
     assert torch.equal(copy, expected)
+
+
+def test_the_decoders_swiglu_gives_pytorchs_bits_for_every_finite_bf16_gate():
+    """silu(g) * u as the bf16 modules compute it (F.silu, then the multiply), over all 65,280 finite
+    bf16 gates: the native exp is not PyTorch's, so this is where the two could part."""
+    native_or_skip()
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gates = every[torch.isfinite(every)]
+    gates = gates[:gates.numel() // 16 * 16]
+    ups = bf16(gates.numel(), seed=3)
+    gate_up, out = torch.cat([gates, ups]), torch.empty_like(gates)  # named: a temporary would be freed before the call
+    native.load_kernel("hearth_silu_mul")(gate_up.data_ptr(), out.data_ptr(), 1, gates.numel(), 1)
+    expected = F.silu(gates) * ups
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))  # -0 vs 0 counts too

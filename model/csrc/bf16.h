@@ -38,10 +38,12 @@ static inline __m256i to_bf16x16(__m512 v) {
     return _mm512_cvtepi32_epi16(rounded);
 }
 
-/* exp(x) for x <= 0 (scores minus their max): 2^n * 2^f with a degree-6 polynomial for 2^f,
- * f in [-0.5, 0.5]; relative error ~2e-7. Fixed arithmetic, so the same on every call. */
+/* exp(x) for x <= 0 (scores minus their max, -|gate|): 2^n * 2^f with a degree-6 polynomial for
+ * 2^f, f in [-0.5, 0.5]; relative error ~2e-7 down to fp32's normal range, 0 below -104 (where
+ * exp underflows in fp32 anyway: the clamp keeps -inf from becoming NaN). Fixed arithmetic, so
+ * the same on every call. */
 static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));

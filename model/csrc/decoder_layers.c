@@ -13,8 +13,9 @@
  * residual adds round once to bf16 (as a bf16 `x + y` does), silu(g) rounds to bf16 before
  * the multiply by u, which rounds again (as `F.silu(gate) * up` in bf16 does). silu's exp is
  * exp_nonpositive (bf16.h), not PyTorch's, so a silu output can differ from PyTorch's by one
- * bf16 step where the fp32 value sits on a rounding boundary; everything else is the same
- * kernels on the same inputs. Rows stay independent (batch invariance holds as in the kernels).
+ * bf16 step where the fp32 value sits on a rounding boundary (over every finite bf16 gate, none
+ * did: tests/test_native.py); everything else is the same kernels on the same inputs. Rows stay
+ * independent (batch invariance holds as in the kernels).
  */
 #include "bf16.h"
 
@@ -91,8 +92,9 @@ static void add_into(uint16_t *x, const uint16_t *y, int64_t count, int threads)
         _mm256_storeu_si256((__m256i *)(x + i), to_bf16x16(_mm512_add_ps(load_bf16x16(x + i), load_bf16x16(y + i))));
 }
 
-/* out[r] = bf16(bf16(silu(gate)) * up) with gate, up the halves of gate_up[r]; ffn_dim a multiple of 16. */
-static void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t ffn_dim, int threads) {
+/* out[r] = bf16(bf16(silu(gate)) * up) with gate, up the halves of gate_up[r]; ffn_dim a multiple of 16.
+ * Exported for the tests (every finite bf16 gate against PyTorch's silu). */
+void hearth_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t ffn_dim, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *gate = gate_up + r * 2 * ffn_dim, *up = gate + ffn_dim;
@@ -102,8 +104,11 @@ static void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64
             const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
             const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
             const __m512 sigmoid = _mm512_div_ps(_mm512_mask_mov_ps(one, negative, e), _mm512_add_ps(one, e));
+            /* below -88.72, PyTorch's g / (1 + exp(-g)) overflows exp to inf: exactly -0 */
+            const __mmask16 overflow = _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.7228394f), _CMP_LT_OQ);
+            const __m512 product = _mm512_mask_mov_ps(_mm512_mul_ps(g, sigmoid), overflow, _mm512_set1_ps(-0.0f));
             uint16_t silu[16];
-            _mm256_storeu_si256((__m256i *)silu, to_bf16x16(_mm512_mul_ps(g, sigmoid)));
+            _mm256_storeu_si256((__m256i *)silu, to_bf16x16(product));
             _mm256_storeu_si256((__m256i *)(out + r * ffn_dim + d),
                                 to_bf16x16(_mm512_mul_ps(load_bf16x16(silu), load_bf16x16(up + d))));
         }
@@ -150,7 +155,7 @@ static int run_layer(const hearth_layer *layer, const hearth_step *step, uint16_
     status = hearth_rms_norm(x, dim, layer->mlp_norm, s->normed, rows, dim, step->norm_eps, threads);
     if (!status) status = linear(&layer->gate_up, s->normed, dim, s->gate_up, rows, threads);
     if (status) return status;
-    silu_mul(s->gate_up, s->act, rows, step->ffn_dim, threads);
+    hearth_silu_mul(s->gate_up, s->act, rows, step->ffn_dim, threads);
     status = linear(&layer->down, s->act, step->ffn_dim, s->projected, rows, threads);
     if (!status) add_into(x, s->projected, rows * dim, threads);
     return status;

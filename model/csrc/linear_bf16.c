@@ -95,7 +95,7 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
                 uint16_t *y_tile = y + m * ldy + n;
                 if (m + 4 <= m_size) {
                     const int full_slices = (int)(m_size / 4), slice = (int)(m / 4);
-                    const int lines = block + 1 == num_blocks || slice == 0 || slice > 2 ? 0 : full_slices >= 3 ? 2 : slice == 1 ? 4 : 0;
+                    const int lines = t + BLOCK_TILES >= num_tiles || slice == 0 || slice > 2 ? 0 : full_slices >= 3 ? 2 : slice == 1 ? 4 : 0;
                     const uint16_t *ahead = lines ? w_tile + BLOCK_TILES * TILE_N * k_padded + (slice == 2 ? 64 : 0) : w_tile;
                     tile_4rows(x_rows, ldx, w_tile, y_tile, ldy, n_size - n, k_size, ahead, lines);
                 } else {

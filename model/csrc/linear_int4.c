@@ -8,7 +8,7 @@
  *
  * - Lanes are output rows: a tile is 16 rows. Tiles go in quads (64 rows), packed once so that a
  *   quad is one sequential stream: group by group, for each 4 input columns, 32 bytes per tile
- *   (byte 2l + h: row l, column 2c + h in its low nibble and 2c + 2 + h in its high one), the
+ *   (byte 2l + h of chunk c: row l, column 4c + h in its low nibble and 4c + 2 + h in its high one), the
  *   quad's 4 tiles side by side; after a group's codes, each tile's 16 scales and 16 zeros (bf16).
  *   (One row reads a whole quad at once, 4 accumulator sets: as one stream it ran 1.3x the same
  *   kernel over 4 separate tile streams.)
@@ -20,8 +20,10 @@
  * Arithmetic, for every output Y[m, n]: per group, two fp32 partial dots (even and odd column
  * pairs, each `vdpbf16ps` in column order), added; y = fma(scale, dot, y), then
  * y = fma(zero - 136 scale, sum x, y), groups in order; rounded to bf16 (nearest even). The same
- * for a 4-tile block of one row and a tile of 4 rows, so a row's result does not depend on the row
- * count (batch invariance). The 128 q offset costs ~1e-6 relative (fp32), far under bf16's 4e-3.
+ * for a quad against one row and two tiles against 4 rows, so a row's result does not depend on the row
+ * count (batch invariance). The 128 + q offset costs ~1e-6 of 128 * scale * sum |x| (fp32
+ * cancellation): under bf16's 4e-3 of the output unless x shares a large common part, and then
+ * within a few bf16 steps (tests/test_native.py).
  * group_size must be a multiple of 32 and divide K; N is padded to 64 (a quad) in the packing.
  */
 #include "bf16.h"

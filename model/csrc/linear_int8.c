@@ -111,7 +111,7 @@ void hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, 
                 uint16_t *y_tile = y + m * ldy + n;
                 /* The first 4-row slice waits on memory; the second computes from L2 with memory
                  * idle, so it prefetches the next block into L2 (as linear_bf16.c). Same bits. */
-                const int8_t *ahead = m == 4 && m + 4 <= m_size && block + 1 < num_blocks
+                const int8_t *ahead = m == 4 && m + 4 <= m_size && t + BLOCK_TILES < num_tiles
                                           ? w_tile + BLOCK_TILES * TILE_N * k_padded : NULL;
                 switch (m_size - m < 4 ? m_size - m : 4) {
                 case 4: tile_4rows(x_rows, ldx, w_tile, scales + n, y_tile, ldy, n_size - n, k_size, ahead); break;

@@ -7,8 +7,9 @@ Design choices:
   at their own positions; the paged cache's metadata (slot of each row, block
   tables, key masks) is built once per step, not per layer.
 - Logits are computed only for rows that sample (the last row of a chunk that
-  reaches the end of its sequence): `model.hidden_states`, pick those rows,
-  then `model.lm_head`. A forking prompt (n > 1) repeats its row n times, one
+  reaches the end of its sequence): the hidden states (`model.hidden_states`,
+  or cpu_fast.NativeDecoder's one native call), pick those rows, then
+  `model.lm_head`. A forking prompt (n > 1) repeats its row n times, one
   per choice's sampler.
 - Batch invariance: with kernels whose per-row results depend on the row count
   (MKL float32 under 4 rows), the batch and the LM head rows are padded to a
