@@ -38,11 +38,11 @@ COPY . /src/
 # --no-build-isolation: build with the setuptools just installed (offline builds have no index to fetch it from).
 RUN pip install --no-deps --no-build-isolation /src \
     && mkdir -p /stage/weights && if [ -d /src/weights ]; then cp -a /src/weights/. /stage/weights/; fi
-# The native bf16 kernel (model/native.py), compiled now so the runtime image needs no
-# compiler. Without one here (an offline build on a base without gcc) the server uses oneDNN.
+# The native kernels (model/native.py), compiled now so the runtime image needs no
+# compiler. Without one here (an offline build on a base without gcc) the server uses PyTorch's.
 RUN { command -v cc >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }; } \
     && cd /tmp && HEARTH_CACHE_DIR=/opt/venv/hearth-cache python -m model.native \
-    || echo "no C compiler: the image serves bf16 models with oneDNN's matmul"
+    || echo "no C compiler: the image serves with PyTorch's kernels"
 
 # ---- runtime: the venv, the bundled weights, a non-root user ----
 FROM ${BASE_IMAGE}

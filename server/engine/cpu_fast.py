@@ -20,7 +20,7 @@ Design choices:
 - int8 per-channel layers go to the native int8 kernel where it runs (2x
   `_weight_int8pack_mm` for a decode step's rows, batch invariant the same way),
   stacked and packed straight into its tiles; int4 layers with groups of a
-  multiple of 32 to the native int4 kernel (1.6-2x `_weight_int4pack_mm_for_cpu`),
+  multiple of 32 to the native int4 kernel (1.2-2.4x `_weight_int4pack_mm_for_cpu`),
   the same way. Other quantized layers keep
   model/quant.py's kernels, but q/k/v and gate/up are stacked into one quantized
   matmul each (`QuantizedLinear.stacked`: each output column still reads only
@@ -156,7 +156,6 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         self.qkv, self.o = qkv, o
-        self.widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor,
                 cache: KVCache | None, layer: int) -> Tensor:
