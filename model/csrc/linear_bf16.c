@@ -73,6 +73,13 @@ static void tile_1row(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t
     STORE_ROW(a, y);
 }
 
+/* How many of a chunk's 4 cache lines in the next block the 4-row slice `slice` prefetches: the
+ * second and third slices take half each. With only two full slices, none (all 4 lines in the
+ * second slice ran 0.82-0.89x at 8 rows: bench/ab_kernels.py). */
+static inline int ahead_lines(int64_t slice, int64_t full_slices) {
+    return full_slices >= 3 && (slice == 1 || slice == 2) ? 2 : 0;
+}
+
 void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed, uint16_t *y, int64_t ldy,
                         int64_t m_size, int64_t n_size, int64_t k_size, int num_threads) {
     const int64_t num_tiles = (n_size + TILE_N - 1) / TILE_N;
@@ -80,9 +87,8 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
     const int64_t k_padded = (k_size + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
     /* A block of tiles (its weights stay in L2) meets every 4-row slice of X (in L1) before the next block.
      * The first slice waits on memory, the others compute from L2 with memory idle: so the second and
-     * third 4-row slices prefetch the next block into L2 (half its lines each; all of them in the
-     * second when there is no full third), which took 16 rows from ~150 to ~200 GFLOP/s on cold
-     * weights. Prefetching changes no arithmetic. */
+     * third slices prefetch the next block into L2 (ahead_lines), 1.16x at 16 rows on cold weights
+     * (bench/ab_kernels.py). Prefetching changes no arithmetic. */
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t block = 0; block < num_blocks; block++) {
         const int64_t first_tile = block * BLOCK_TILES;
@@ -94,8 +100,9 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
                 const int64_t n = t * TILE_N;
                 uint16_t *y_tile = y + m * ldy + n;
                 if (m + 4 <= m_size) {
-                    const int full_slices = (int)(m_size / 4), slice = (int)(m / 4);
-                    const int lines = t + BLOCK_TILES >= num_tiles || slice == 0 || slice > 2 ? 0 : full_slices >= 3 ? 2 : slice == 1 ? 4 : 0;
+                    const int64_t slice = m / 4;
+                    const int lines = t + BLOCK_TILES < num_tiles ? ahead_lines(slice, m_size / 4) : 0;
+                    /* the same place in the next block; the third slice starts at the chunk's third line */
                     const uint16_t *ahead = lines ? w_tile + BLOCK_TILES * TILE_N * k_padded + (slice == 2 ? 64 : 0) : w_tile;
                     tile_4rows(x_rows, ldx, w_tile, y_tile, ldy, n_size - n, k_size, ahead, lines);
                 } else {
