@@ -7,7 +7,8 @@ Two measurements behind README's Engine section:
 - kernels: each CPU matmul the engine can use (Hearth's native bf16 and int8 kernels where they
   run, oneDNN packed bf16, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), one row of activations, over 12 layers of `small`'s q/k/v, o, gate/up
   and down weights, so every call reads weights that are not in cache (12 layers of bf16 are 227 MB,
-  the L3 is 32 MB); GB/s = weight bytes / time. Beside them, a plain `sum` over 1.6 GB: the read
+  the L3 is 32 MB); GB/s = weight bytes / time. Beside them, a plain `sum` over 1.6 GB (on 4 KB pages and
+  on 2 MB ones, as the packed weights get where the OS allows): the read
   bandwidth the GEMVs could have.
 - step: the engine's worker driven directly (no HTTP, no asyncio) for one sequence decoding, on a
   thread of its own as the engine runs it: time per step in the decoder body, the LM head and
@@ -16,7 +17,8 @@ Two measurements behind README's Engine section:
   empty output of its shape, which leaves the rest of the body (norms, rotary, paged attention).
   `--quantize int8` (or int4) does the same for the int8 per-channel (int4 g32) model.
 
-Two more parts, on demand: `--part attention` times the native paged attention alone (decode rows over
+More parts, on demand: `--part batched` gives the native kernels' GFLOP/s at 1-64 rows, on the 12
+cold layers and on one layer's weights used 12 times (in L3); `--part attention` times the native paged attention alone (decode rows over
 cached keys), `--part calls` the fixed Python cost of a native call and of nn.Module.__call__.
 
 Not a test; nothing asserts. Rows of one run compare; this shared machine varies by up to 20%.
@@ -76,6 +78,33 @@ def time_per_call(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def batched_rows(row_counts=(1, 4, 16, 64)) -> list[tuple[str, list[float]]]:
+    """(kernel and weights, GFLOP/s at each row count): the 12 cold layers, and one layer's weights
+    used 12 times (19 MB in bf16: in L3), which tells memory-bound from compute-bound."""
+    from model import native
+
+    kinds = ["int4 g32 (_weight_int4pack_mm_for_cpu)"]
+    if None not in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.linear_int4_kernel()):
+        kinds = ["bf16 native (model/native.py)", "int8 native (model/native.py)", "int4 g32 native (model/native.py)", *kinds]
+    flops_per_row = 2 * NUM_LAYERS * sum(o * i for o, i in LAYER_SHAPES.values())
+    rows = []
+    for kind in kinds:
+        cold = [[cold_gemv_matmuls(kind, *shape) for shape in LAYER_SHAPES.values()] for _ in range(NUM_LAYERS)]
+        for weights, layers in (("12 cold layers", cold), ("one layer 12 times", [cold[0]] * NUM_LAYERS)):
+            speeds = []
+            for num_rows in row_counts:
+                inputs = [torch.randn(num_rows, shape[1], dtype=torch.bfloat16) for shape in LAYER_SHAPES.values()]
+
+                def all_layers() -> None:
+                    for layer in layers:
+                        for matmul, x in zip(layer, inputs):
+                            matmul(x)
+
+                speeds.append(flops_per_row * num_rows / time_per_call(all_layers, max(3, 40 // num_rows)) / 1e9)
+            rows.append((f"{kind}, {weights}", speeds))
+    return rows
+
+
 def kernel_rows() -> list[tuple[str, float, float]]:
     """(kernel, ms per 12 layers, GB/s of weights)."""
     rows = []
@@ -99,8 +128,10 @@ def kernel_rows() -> list[tuple[str, float, float]]:
         weight_bytes = NUM_LAYERS * sum(o * i for o, i in LAYER_SHAPES.values()) * bytes_per_weight
         rows.append((kind, seconds * 1e3, weight_bytes / seconds / 1e9))
     big = torch.ones(400_000_000, dtype=torch.float32)
-    seconds = time_per_call(big.sum, 3)
-    rows.append(("read bandwidth: sum over 1.6 GB", seconds * 1e3, big.numel() * 4 / seconds / 1e9))
+    huge = native.on_huge_pages(big)  # where the OS gives 2 MB pages (the packed weights' memory)
+    for name, tensor in (("sum over 1.6 GB", big), ("sum over 1.6 GB on 2 MB pages", huge)):
+        seconds = time_per_call(tensor.sum, 3)
+        rows.append((f"read bandwidth: {name}", seconds * 1e3, big.numel() * 4 / seconds / 1e9))
     return rows
 
 
@@ -221,7 +252,7 @@ def decode_steps(engine, steps: int, timings: dict[str, float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("both", "kernels", "step", "attention", "calls"), default="both",
+    parser.add_argument("--part", choices=("both", "kernels", "batched", "step", "attention", "calls"), default="both",
                         help="both: kernels and step; attention and calls need the native kernels")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint (default: random `small`)")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
@@ -234,6 +265,11 @@ def main() -> None:
         print("\n| kernel, 12 layers of `small`, 1 row | ms | GB/s |\n|---|---|---|")
         for kind, ms, gb_s in rows:
             print(f"| {kind} | {ms:.2f} | {gb_s:.1f} |")
+    if args.part == "batched":
+        rows = run_in_fresh_thread(batched_rows)
+        print("\n| kernel, `small` shapes | 1 row | 4 rows | 16 rows | 64 rows (GFLOP/s) |\n|---|---|---|---|---|")
+        for kind, speeds in rows:
+            print(f"| {kind} | " + " | ".join(f"{speed:.0f}" for speed in speeds) + " |")
     if args.part == "attention":
         rows = run_in_fresh_thread(attention_rows)
         print("\n| native paged attention, `small` heads | ms for 12 layers |\n|---|---|")

@@ -240,7 +240,8 @@ def on_huge_pages(tensor: Tensor) -> Tensor:
     """A copy of contiguous `tensor` whose whole 2 MB stretches the OS backs with huge pages, where it can.
 
     Why: the linear kernels stream their weights, and the CPU's prefetchers stop at page
-    boundaries; on the EPYC here a read over 2 MB pages ran 31 -> 35 GB/s. Transparent huge
+    boundaries; on the EPYC here a read over 2 MB pages ran 31.7 -> 34.0 GB/s
+    (bench/bench_decode_step.py --part kernels). Transparent huge
     pages are `madvise` on most distributions, so the memory must ask for them: an anonymous
     private mapping, its 2 MB-aligned whole pages advised. The tail under 2 MB keeps small
     pages (no memory wasted). A tensor under 2 MB, or a refused madvise, stays as it is.
