@@ -5,7 +5,7 @@
 
 Both halves send the same requests (token-id prompts of --prompt-tokens,
 exactly --max-tokens new tokens each via ignore_eos, temperature 0.8) at the
-same concurrency levels, and both are summarized by `server.loadbench`
+same concurrency levels, and both are summarized by `clients.loadbench`
 (requests/s, output tok/s, TTFT and inter-token latency percentiles), so the
 two tables differ only by what sits between the client and the engine:
 JSON, SSE, uvicorn, and the client's own CPU time (the client runs on the
@@ -37,9 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.loadbench import LevelReport, RequestResult, make_prompt, markdown_table, run_level, summarize  # noqa: E402
+from clients.loadbench import LevelReport, RequestResult, make_prompt, markdown_table, run_level, summarize  # noqa: E402
 from server.engine.engine import run_in_fresh_thread  # noqa: E402
-from server.spawn import start_server as spawn_server, stop_server  # noqa: E402
+from clients.spawn import start_server as spawn_server, stop_server  # noqa: E402
 
 CORPUS = Path("/work/shared/corpus")
 

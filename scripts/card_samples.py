@@ -18,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.spawn import start_server, stop_server  # noqa: E402
+from clients.spawn import start_server, stop_server  # noqa: E402
 
 QUESTIONS = (
     "hello",

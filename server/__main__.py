@@ -2,7 +2,7 @@
 
 import sys
 
-from trainer.cli import main
+from cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -16,7 +16,7 @@ import pytest
 
 from model.checkpoint import load_checkpoint
 from server_fixtures import http_client, running_server
-from trainer.cli import main
+from cli.main import main
 
 DEFAULT = Path(__file__).resolve().parents[1] / "weights" / "default"
 SLICE = Path(__file__).parent / "fixtures" / "wordnet_chat_valid_slice.jsonl"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import read_safetensors
-from trainer.cli import main
+from cli.main import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent

@@ -11,7 +11,7 @@ import torch
 from conftest import FIXTURES
 from model.chat import encode_chat
 from model.checkpoint import load_checkpoint
-from trainer import cli
+from cli import main as cli
 
 CHATS = FIXTURES / "chats_sample.jsonl"
 TEXT = FIXTURES / "shakespeare_sample.txt"

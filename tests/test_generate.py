@@ -6,7 +6,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.errors import HearthError
 from model.generate import GenerationSettings, generate, sample_token
-from trainer.cli import main
+from cli.main import main
 
 
 def naive_greedy(model, prompt, steps):

@@ -19,7 +19,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.errors import HearthError
 from model.hf import HFInteropError, export_hf, import_hf
 from tests.conftest import make_tiny_model
-from trainer.cli import main as hearth_main
+from cli.main import main as hearth_main
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # Meta's Llama 3 template, verbatim.

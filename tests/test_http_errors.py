@@ -311,7 +311,7 @@ def test_failed_load_is_reported(tiny_model_dir, monkeypatch):
 
 
 def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
-    from trainer.cli import main
+    from cli.main import main
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: checkpoint folder not found"

@@ -299,7 +299,7 @@ def test_access_log_line_per_request(server, caplog):
 
 
 def run_cli(argv: list[str], stdin: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    from trainer.cli import main
+    from cli.main import main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = main(argv)
@@ -308,7 +308,7 @@ def run_cli(argv: list[str], stdin: str, monkeypatch, capsys) -> tuple[int, str,
 
 
 def test_chat_session_streams_and_keeps_the_conversation(server):
-    from server.chat_client import ChatOptions, ChatSession, make_client
+    from clients.chat import ChatOptions, ChatSession, make_client
 
     pieces: list[str] = []
     with make_client(server.url, KEY) as client:
@@ -356,7 +356,7 @@ def test_hearth_chat_needs_the_key(server, monkeypatch, capsys):
 
 
 def test_percentile_is_nearest_rank():
-    from server.loadbench import percentile
+    from clients.loadbench import percentile
 
     values = [float(v) for v in range(1, 101)]
     assert [percentile(values, p) for p in (50, 99, 100)] == [50.0, 99.0, 100.0]

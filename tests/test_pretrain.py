@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import read_safetensors
 from model.decoder import Transformer
-from trainer.cli import main
+from cli.main import main
 from trainer.fast_model import TrainingTransformer
 from trainer.loop import TrainConfig, train
 from trainer.optim import Schedule, build_optimizer

@@ -24,7 +24,7 @@ from model.quant_kernels import (
     unpack_nibbles,
 )
 from tests.conftest import FIXTURES, make_tiny_model
-from trainer.cli import main
+from cli.main import main
 
 
 def random_weight(out_features, in_features, seed=0):

@@ -14,7 +14,7 @@ from conftest import FIXTURES, make_tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.errors import HearthError
 from model.tokenizer import END, Tokenizer, TokenizerInfo
-from trainer import cli
+from cli import main as cli
 from trainer.evaluate import evaluate_chat_set
 from trainer.chat_data import (
     IGNORE_INDEX,

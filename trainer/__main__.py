@@ -1,5 +1,7 @@
+"""`python -m trainer ...` is `hearth ...` (kept for `torchrun -m trainer pretrain`)."""
+
 import sys
 
-from trainer.cli import main
+from cli.main import main
 
 sys.exit(main())

@@ -40,12 +40,12 @@ def _register_bench(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from server.chat_client import run_chat
+    from clients.chat import run_chat
 
     return run_chat(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from server.loadbench import run_bench
+    from clients.loadbench import run_bench
 
     return run_bench(args)

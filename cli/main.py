@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "trainer.commands",  # pretrain
     "trainer.sft_commands",  # sft, eval, merge-lora
     "server.cli",  # serve
-    "server.ops_cli",  # chat, bench
+    "clients.commands",  # chat, bench
 ]
 
 

@@ -1,0 +1,1 @@
+"""The `hearth` command line: `cli.main` registers every subcommand in one list."""
