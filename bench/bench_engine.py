@@ -134,7 +134,7 @@ def native_kernels(enabled: bool):
 def bench_engine(path: Path, dtype_name: str, concurrency: list[int], args, tokenizer_out: list) -> list[dict]:
     from server.engine import Engine, EngineConfig
 
-    engine_dtype = "float32" if dtype_name == "float32" else "bfloat16"
+    engine_dtype = "float32" if dtype_name == "float32" else "auto"  # auto: what the native path computes in
     load_start = time.perf_counter()
     with native_kernels(not dtype_name.endswith("-pytorch")):
         engine = Engine.from_checkpoint(path, EngineConfig(dtype=engine_dtype, max_num_seqs=max(concurrency)))
@@ -214,7 +214,20 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from model import native
+
+    flags = [flag for flag in ("avx512_bf16", "avx512f", "avx2", "asimd") if flag in native_cpu_flags()]
+    return (f"{name} ({', '.join(flags) or 'no AVX2/AVX-512/NEON'}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, native path {native.isa_name()}")
+
+
+def native_cpu_flags() -> set[str]:
+    from model import native
+
+    try:
+        return native.cpu_flags()
+    except native.NativeUnavailable:
+        return set()
 
 
 def print_table(rows: list[dict]) -> None:

@@ -294,7 +294,8 @@ def test_bfloat16_engine_is_batch_invariant_too(tiny_model_dir, tokenizer):
     engine = make_engine(tiny_model_dir, dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=48)
     try:
         assert engine.worker.num_packed_matmuls == (2 * 4 + 1 if can_pack(torch.bfloat16, torch.device("cpu")) else 0)
-        if native.decoder_layers_kernel() is not None:  # then its layers run in one native call a step
+        if native.activation_dtype() == torch.bfloat16 and native.decoder_layers_kernel() is not None:
+            # then its layers run in one native call a step
             assert engine.worker.native_decoder is not None
         target, *others = prompts(tokenizer, 6)[::-1]
         alone = asyncio.run(collect(engine, "alone", target, GREEDY))
@@ -407,3 +408,34 @@ def test_run_in_fresh_thread_returns_results_and_reraises_errors_from_a_thread_t
 
     with pytest.raises(ValueError, match="bad checkpoint"):
         run_in_fresh_thread(fail)
+
+
+def test_two_engines_step_on_one_thread_and_it_ends_with_the_last(tiny_model_dir, tokenizer, monkeypatch):
+    """Several models, one OpenMP team: every engine's steps run on the process's one engine thread
+    (server/engine/step_loop.py), which exits when the last engine shuts down."""
+    import threading
+
+    from server.engine import step_loop
+
+    monkeypatch.setattr(step_loop, "SHARED", step_loop.StepLoop())  # this test's engines alone on it
+    engines = [make_engine(tiny_model_dir) for _ in range(2)]
+    seen: list[threading.Thread] = []
+    for engine in engines:
+        execute = engine.worker.execute
+        engine.worker.execute = lambda output, execute=execute: (seen.append(threading.current_thread()),
+                                                                 execute(output))[1]
+    try:
+        prompt = prompts(tokenizer, 1)[0]
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+        async def both():
+            return await asyncio.gather(*(collect(engine, f"r{i}", prompt, params) for i, engine in enumerate(engines)))
+
+        first, second = asyncio.run(both())
+        assert first.tokens == second.tokens and len(first.tokens) == 4
+        assert len(set(seen)) == 1 and seen[0] is step_loop.SHARED.thread
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    seen[0].join(timeout=5)
+    assert not seen[0].is_alive() and step_loop.SHARED.thread is None

@@ -1,6 +1,7 @@
-"""The native kernels (model/native.py, model/csrc/): bf16, int8 and int4 linears, attention, rotary
-and RMSNorm against fp32 references, batch invariance, all layers in one call against the modules,
-the shared OpenMP runtime, the compile cache and the fallbacks."""
+"""The native kernels' AVX-512 BF16 path (model/native.py, model/csrc/): bf16, int8 and int4 linears,
+attention, rotary and RMSNorm against fp32 references, batch invariance, all layers in one call
+against the modules; and, for every path, the shared OpenMP runtime, the compile cache and the
+fallbacks. The fp32 path (AVX2, NEON) has tests/test_native_fp32.py."""
 
 import logging
 from pathlib import Path
@@ -15,10 +16,13 @@ from server.engine.cpu_fast import PackedInt4Linear, PackedInt8Linear, PackedLin
 
 
 def native_or_skip():
+    """Skip unless the AVX-512 BF16 path is the one in use (these tests feed it bf16)."""
     try:
-        native.check_cpu()
+        native.check_cpu(native.ISAS["avx512bf16"])
     except native.NativeUnavailable as error:
-        pytest.skip(f"the native kernels cannot run here: {error}")
+        pytest.skip(f"the AVX-512 BF16 kernels cannot run here: {error}")
+    if native.isa_name() != "avx512bf16":
+        pytest.skip(f"the native path in use is {native.isa_name()}, not avx512bf16")
     if None in (native.linear_bf16_kernel(), native.linear_int8_kernel(), native.linear_int4_kernel(),
                 native.paged_attention_kernel(), native.decoder_layers_kernel(),
                 native.rms_norm_kernel(), native.rope_write_kv_kernel()):
@@ -290,19 +294,25 @@ def test_packed_linear_uses_the_native_kernel_and_matches_nn_linear():
     assert ((packed(x).float() - expected).abs() <= expected.abs() * 2**-7 + 1e-2).all()
 
 
+def any_native_or_skip():
+    if native.selected_isa() is None:
+        pytest.skip(f"no native path runs here (runnable: {native.runnable_isas() or 'none'})")
+
+
 def test_the_kernel_shares_torchs_openmp_runtime():
     """One libgomp in the process: the kernel's threads are torch's, not a second team on the same cores."""
-    native_or_skip()
+    any_native_or_skip()
     native.linear_bf16(bf16(1, 64), native.pack_bf16_weight(bf16(8, 64)), 8)
     mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
     assert len({Path(path).resolve() for path in mapped}) == 1, mapped
 
 
 def test_compiled_library_is_cached_and_reused(fresh_kernel_cache):
-    native_or_skip()
+    any_native_or_skip()
     first = native.compile_library("linear_bf16")
     stamp = first.stat().st_mtime_ns
     assert first.parent == fresh_kernel_cache / "native" and first.suffix == ".so"
+    assert f"-{native.isa_name()}-" in first.name  # a library of one path is never taken for another
     assert native.compile_library("linear_bf16") == first and first.stat().st_mtime_ns == stamp
     assert not list(first.parent.glob("*.tmp"))  # the temporary file was renamed, not left behind
     assert first.stat().st_mode & 0o044 == 0o044  # readable by other users (the Docker image's server)
@@ -313,15 +323,15 @@ def test_switched_off_it_falls_back_to_onednn(fresh_kernel_cache, monkeypatch, c
     with caplog.at_level(logging.INFO, logger="hearth.native"):
         assert native.linear_bf16_kernel() is None
     assert "HEARTH_NATIVE_KERNELS=0" in caplog.text
-    if torch.backends.mkldnn.is_available():
+    from server.engine.cpu_fast import has_onednn_bf16
+
+    if has_onednn_bf16():  # oneDNN's bf16 matmul needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
         assert PackedLinear(torch.nn.Linear(64, 8, bias=False).to(torch.bfloat16)).kernel == "onednn"
 
 
 def test_a_compiler_that_fails_gives_a_one_line_reason_and_the_fallback(fresh_kernel_cache, monkeypatch, caplog):
-    try:
-        native.check_cpu()
-    except native.NativeUnavailable as error:
-        pytest.skip(f"fails earlier here: {error}")
+    if not native.runnable_isas():
+        pytest.skip("fails earlier here: the CPU runs no native path")
     broken = fresh_kernel_cache / "broken-cc"
     broken.write_text("#!/bin/sh\necho 'linear_bf16.c:1: error: no such thing' >&2\nexit 1\n")
     broken.chmod(0o755)

@@ -1,11 +1,14 @@
 /* Helpers shared by Hearth's native kernels: bf16 conversions (a bf16 is the top half of an fp32)
- * and a fixed-arithmetic exp. */
+ * and, for the AVX-512 BF16 path, 16-lane versions and a fixed-arithmetic exp (vec.h has the fp32
+ * path's). */
 #ifndef HEARTH_BF16_H
 #define HEARTH_BF16_H
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet). */
 static inline uint16_t to_bf16(float value) {
@@ -23,6 +26,7 @@ static inline float bf16_to_float(uint16_t value) {
     return result;
 }
 
+#if defined(__AVX512F__)
 /* 16 bf16 -> 16 fp32 lanes. */
 static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -56,5 +60,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
+#endif
 
 #endif

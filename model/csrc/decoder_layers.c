@@ -1,4 +1,6 @@
-/* Hearth's decoder layers in one native call: every layer of a step, for x86-64 with AVX-512 BF16.
+/* Hearth's decoder layers in one native call: every layer of a step. One source for both paths:
+ * `act_t` is the activation type, bf16 (uint16_t) on AVX-512 BF16 and fp32 on the fp32 path (vec.h:
+ * AVX2 + FMA, ARM64 NEON); only the residual add and the SwiGLU have a version per path.
  *
  * Why it exists: with the matmuls, the attention, the rotary and the norms in native kernels,
  * what was left of a decode step outside them was Python: ~12 calls a layer through torch and
@@ -15,30 +17,40 @@
  * exp_nonpositive (bf16.h), not PyTorch's, so a silu output can differ from PyTorch's by one
  * bf16 step where the fp32 value sits on a rounding boundary (over every finite bf16 gate, none
  * did: tests/test_native.py); everything else is the same kernels on the same inputs. Rows stay
- * independent (batch invariance holds as in the kernels).
+ * independent (batch invariance holds as in the kernels). On the fp32 path the adds are fp32 adds
+ * (as torch's) and the SwiGLU is `hearth_silu_mul`, which the engine's modules call too (so the
+ * modules and this loop give the same bits; its exp differs from PyTorch's in the last bits).
  */
-#include "bf16.h"
-
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#if defined(__AVX512BF16__)
+#include "bf16.h"
+
+#include <immintrin.h>
+typedef uint16_t act_t; /* bf16 */
+#else
+#include "vec.h"
+typedef float act_t;
+#endif
+
 /* The kernels of the other files, linked into this library. */
-void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed, uint16_t *y, int64_t ldy,
-                        int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
-void hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
-                        int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int num_threads);
-int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, uint16_t *y, int64_t ldy,
-                       int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size, int num_threads);
-int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *keys,
-                           const uint16_t *values, int64_t kv_head_stride, const int32_t *block_ids,
-                           const int64_t *table_offsets, const int32_t *positions, uint16_t *out, int64_t num_rows,
-                           int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int num_threads);
-void hearth_rope_write_kv(uint16_t *qkv, int64_t ld, const uint16_t *cos, const uint16_t *sin, int64_t num_rows,
-                          int n_heads, int n_kv_heads, int head_dim, uint16_t *keys, uint16_t *values,
-                          int64_t kv_head_stride, const int64_t *slots, int num_threads);
-int hearth_rms_norm(const uint16_t *x, int64_t ldx, const uint16_t *weight, uint16_t *y, int64_t rows, int64_t dim,
-                    float eps, int num_threads);
+void hearth_linear_bf16(const act_t *x, int64_t ldx, const void *w_packed, act_t *y, int64_t ldy, int64_t m_size,
+                        int64_t n_size, int64_t k_size, int num_threads);
+int hearth_linear_int8(const act_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, act_t *y,
+                       int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size,
+                       int num_threads);
+int hearth_linear_int4(const act_t *x, int64_t ldx, const uint8_t *w_packed, act_t *y, int64_t ldy, int64_t m_size,
+                       int64_t n_size, int64_t k_size, int64_t group_size, int num_threads);
+int hearth_paged_attention(const act_t *q, int64_t q_row, int64_t q_head, const act_t *keys, const act_t *values,
+                           int64_t kv_head_stride, const int32_t *block_ids, const int64_t *table_offsets,
+                           const int32_t *positions, act_t *out, int64_t num_rows, int n_heads, int n_kv_heads,
+                           int head_dim, int block_size, float scale, int num_threads);
+void hearth_rope_write_kv(act_t *qkv, int64_t ld, const act_t *cos, const act_t *sin, int64_t num_rows, int n_heads,
+                          int n_kv_heads, int head_dim, act_t *keys, act_t *values, int64_t kv_head_stride,
+                          const int64_t *slots, int num_threads);
+int hearth_rms_norm(const act_t *x, int64_t ldx, const act_t *weight, act_t *y, int64_t rows, int64_t dim, float eps,
+                    int num_threads);
 
 enum { HEARTH_BF16 = 0, HEARTH_INT8 = 1, HEARTH_INT4 = 2 };
 
@@ -48,14 +60,14 @@ typedef struct {
     int64_t out_features; /* N */
     int64_t in_features;  /* K */
     const void *tiles;    /* the packed weight */
-    const float *scales;  /* int8: one per output row (padded to the tiles); otherwise unused */
-    int64_t group_size;   /* int4: input columns per scale and zero; otherwise unused */
+    const float *scales;  /* int8: the packed scales; otherwise unused */
+    int64_t group_size;   /* int4, int8: input columns per scale (int8: 0 for one per output row) */
 } hearth_linear;
 
 typedef struct {
-    const uint16_t *attn_norm, *mlp_norm; /* [dim] bf16 */
+    const act_t *attn_norm, *mlp_norm; /* [dim] */
     hearth_linear qkv, o, gate_up, down;
-    uint16_t *keys, *values; /* this layer's cache: [n_kv_heads][slots][head_dim] bf16 */
+    act_t *keys, *values; /* this layer's cache: [n_kv_heads][slots][head_dim] */
 } hearth_layer;
 
 /* What every layer shares in a step: the model's shape and the step's rows. */
@@ -63,7 +75,7 @@ typedef struct {
     int64_t dim, ffn_dim, kv_head_stride;
     int64_t n_heads, n_kv_heads, head_dim, block_size;
     float norm_eps, attention_scale;
-    const uint16_t *cos, *sin;    /* [rows][head_dim] bf16 */
+    const act_t *cos, *sin;       /* [rows][head_dim] */
     const int64_t *slots;         /* [rows]: where each row's k and v go */
     const int32_t *block_ids;     /* every row's block table, end to end */
     const int64_t *table_offsets; /* [rows]: where a row's table starts in block_ids */
@@ -71,20 +83,18 @@ typedef struct {
 } hearth_step;
 
 /* y = x @ W.T (M rows, y contiguous). Returns the kernel's status. */
-static int linear(const hearth_linear *w, const uint16_t *x, int64_t ldx, uint16_t *y, int64_t rows, int threads) {
-    if (w->kind == HEARTH_INT8) {
-        hearth_linear_int8(x, ldx, (const int8_t *)w->tiles, w->scales, y, w->out_features, rows, w->out_features,
-                           w->in_features, threads);
-        return 0;
-    }
+static int linear(const hearth_linear *w, const act_t *x, int64_t ldx, act_t *y, int64_t rows, int threads) {
+    if (w->kind == HEARTH_INT8)
+        return hearth_linear_int8(x, ldx, (const int8_t *)w->tiles, w->scales, y, w->out_features, rows,
+                                  w->out_features, w->in_features, w->group_size, threads);
     if (w->kind == HEARTH_INT4)
         return hearth_linear_int4(x, ldx, (const uint8_t *)w->tiles, y, w->out_features, rows, w->out_features,
                                   w->in_features, w->group_size, threads);
-    hearth_linear_bf16(x, ldx, (const uint16_t *)w->tiles, y, w->out_features, rows, w->out_features,
-                       w->in_features, threads);
+    hearth_linear_bf16(x, ldx, w->tiles, y, w->out_features, rows, w->out_features, w->in_features, threads);
     return 0;
 }
 
+#if defined(__AVX512BF16__)
 /* x += y, rounded to bf16 once per element; count a multiple of 16. */
 static void add_into(uint16_t *x, const uint16_t *y, int64_t count, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (count > 65536)
@@ -115,9 +125,33 @@ void hearth_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64
     }
 }
 
+#else
+/* x += y in fp32, as torch's add; count a multiple of 8. */
+static void add_into(float *x, const float *y, int64_t count, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (count > 65536)
+    for (int64_t i = 0; i < count; i += 8) vf_store(x + i, vf_add(vf_load(x + i), vf_load(y + i)));
+}
+
+/* out[r] = silu(gate) * up in fp32, gate and up the halves of gate_up[r]; silu(g) = g * sigmoid(g),
+ * the sigmoid from exp(-|g|) as the AVX-512 path. ffn_dim a multiple of 8. Exported: the engine's
+ * modules call it too, so they and the decoder loop agree bit for bit. */
+void hearth_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t ffn_dim, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * ffn_dim, *up = gate + ffn_dim;
+        for (int64_t d = 0; d < ffn_dim; d += 8) {
+            const vf g = vf_load(gate + d), one = vf_set1(1.0f);
+            const vf e = vf_exp_nonpositive(vf_sub(vf_zero(), vf_abs(g)));
+            const vf sigmoid = vf_div(vf_select_lt(g, vf_zero(), e, one), vf_add(one, e));
+            vf_store(out + r * ffn_dim + d, vf_mul(vf_mul(g, sigmoid), vf_load(up + d)));
+        }
+    }
+}
+#endif
+
 /* The scratch a step needs, in one allocation: normed x, qkv, attention out, a matmul out, gate_up, act. */
 typedef struct {
-    uint16_t *normed, *qkv, *attended, *projected, *gate_up, *act;
+    act_t *normed, *qkv, *attended, *projected, *gate_up, *act;
     void *memory;
 } scratch;
 
@@ -128,16 +162,16 @@ static int scratch_alloc(scratch *s, const hearth_step *step, int64_t rows) {
     int64_t offsets[6], total = 0;
     for (int i = 0; i < 6; i++) {
         offsets[i] = total;
-        total += (rows * widths[i] * 2 + 63) / 64 * 64;
+        total += (rows * widths[i] * (int64_t)sizeof(act_t) + 63) / 64 * 64;
     }
     s->memory = aligned_alloc(64, (size_t)total);
     if (!s->memory) return -1;
-    uint16_t **slots[6] = {&s->normed, &s->qkv, &s->attended, &s->projected, &s->gate_up, &s->act};
-    for (int i = 0; i < 6; i++) *slots[i] = (uint16_t *)((char *)s->memory + offsets[i]);
+    act_t **slots[6] = {&s->normed, &s->qkv, &s->attended, &s->projected, &s->gate_up, &s->act};
+    for (int i = 0; i < 6; i++) *slots[i] = (act_t *)((char *)s->memory + offsets[i]);
     return 0;
 }
 
-static int run_layer(const hearth_layer *layer, const hearth_step *step, uint16_t *x, int64_t rows, scratch *s,
+static int run_layer(const hearth_layer *layer, const hearth_step *step, act_t *x, int64_t rows, scratch *s,
                      int threads) {
     const int64_t dim = step->dim, qkv_width = layer->qkv.out_features;
     int status = hearth_rms_norm(x, dim, layer->attn_norm, s->normed, rows, dim, step->norm_eps, threads);
@@ -161,9 +195,9 @@ static int run_layer(const hearth_layer *layer, const hearth_step *step, uint16_
     return status;
 }
 
-/* x: [rows][dim] bf16, contiguous, updated in place through every layer. Returns 0, -1 (out of
+/* x: [rows][dim] act_t, contiguous, updated in place through every layer. Returns 0, -1 (out of
  * memory) or -2 (a shape a kernel cannot take: dim or ffn_dim not a multiple of 16, head_dim). */
-int hearth_decoder_layers(uint16_t *x, int64_t rows, const hearth_layer *layers, int64_t num_layers,
+int hearth_decoder_layers(act_t *x, int64_t rows, const hearth_layer *layers, int64_t num_layers,
                           const hearth_step *step, int num_threads) {
     if (step->dim % 16 || step->ffn_dim % 16) return -2;
     scratch s;

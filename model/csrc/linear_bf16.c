@@ -1,5 +1,9 @@
-/* Hearth's bf16 linear for x86-64 CPUs with AVX-512 BF16: Y[M, N] = X[M, K] @ W[N, K]^T.
+/* Hearth's bf16-weight linear: Y[M, N] = X[M, K] @ W[N, K]^T. Two paths, one per kind of CPU:
+ * - AVX-512 BF16 (the first part below): X and Y bf16, `vdpbf16ps`;
+ * - the fp32 path (vec.h: AVX2 + FMA, ARM64 NEON; the second part): X and Y fp32, the bf16
+ *   weights widened to fp32 in registers (exact), fused multiply-adds.
  *
+ * The AVX-512 BF16 path:
  * Why it exists: a decode step is a chain of GEMVs, bound by how fast the weights
  * stream from memory. oneDNN's bf16 GEMV reads ~20 GB/s on the 2-core EPYC this was
  * written on; this kernel walks each thread's weights as one sequential stream and
@@ -16,6 +20,7 @@
  * tiling over M only changes which accumulators share a loop, so a row's result
  * is the same whatever else is in the batch (batch invariance by construction).
  */
+#if defined(__AVX512BF16__)
 #include "bf16.h"
 
 #include <immintrin.h>
@@ -113,3 +118,88 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
         }
     }
 }
+
+#else /* the fp32 path: X and Y fp32 */
+#include "vec.h"
+
+/* Layout: tiles of 32 output rows (4 vectors of 8 lanes, a lane an output row), each tile
+ * [ceil(K/2)][32] 32-bit words, word l of pair p holding W[l, 2p] in its low half and W[l, 2p + 1]
+ * in its high half (zero padding past K and N): a tile is one sequential stream, read once per
+ * 1-4 rows of X. No lane sums: a lane is an output.
+ *
+ * Arithmetic: Y[m, n] = even + odd, two fp32 accumulators fed by fused multiply-adds in column
+ * order (even columns into one, odd into the other, two dependency chains), then rounded nowhere
+ * else. Every row of X goes through the same sequence whatever the row count (1-row and 4-row
+ * blocks run the same per-output steps), so a row's result is batch invariant. */
+#define TILE_ROWS 32
+#define TILE_VECS 4
+
+/* Stores a vector of outputs, only the first `left` when the tile passes N. */
+static inline void store_outputs(float *y, vf v, int64_t left) {
+    if (left >= 8) { vf_store(y, v); return; }
+    float lanes[8];
+    vf_store(lanes, v);
+    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
+}
+
+/* Vectors v0..v0 + nv - 1 of one tile against nr rows of X. Called with constants: the loops
+ * unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void bf16_block(
+    const int nv, const int nr, const float *x, int64_t ldx, const uint32_t *w, const int v0, float *y,
+    int64_t ldy, int64_t num_out, int64_t k_size) {
+    vf even[TILE_VECS][4], odd[TILE_VECS][4];
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++) even[v][r] = odd[v][r] = vf_zero();
+    const int64_t pairs = k_size / 2;
+    for (int64_t p = 0; p < pairs; p++, w += TILE_ROWS) {
+        for (int v = 0; v < nv; v++) {
+            const vi words = vi_load(w + 8 * (v0 + v));
+            const vf low = vi_bf16_low(words), high = vi_bf16_high(words);
+            for (int r = 0; r < nr; r++) {
+                even[v][r] = vf_fma(low, vf_set1(x[r * ldx + 2 * p]), even[v][r]);
+                odd[v][r] = vf_fma(high, vf_set1(x[r * ldx + 2 * p + 1]), odd[v][r]);
+            }
+        }
+    }
+    if (k_size % 2) /* the last column; its word's high half is padding */
+        for (int v = 0; v < nv; v++) {
+            const vf low = vi_bf16_low(vi_load(w + 8 * (v0 + v)));
+            for (int r = 0; r < nr; r++) even[v][r] = vf_fma(low, vf_set1(x[r * ldx + k_size - 1]), even[v][r]);
+        }
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++)
+            store_outputs(y + r * ldy + 8 * (v0 + v), vf_add(even[v][r], odd[v][r]), num_out - 8 * (v0 + v));
+}
+
+/* Tiles in one thread's block: one for a few rows (no reuse to gain, an even split of the
+ * tiles); for more, as many as fit ~256 KB, so the block stays in L2 while every 4 rows of X meet it. */
+static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
+    if (m_size <= 4) return 1;
+    const int64_t tiles = (256 << 10) / tile_bytes;
+    return tiles > 1 ? tiles : 1;
+}
+
+void hearth_linear_bf16(const float *x, int64_t ldx, const uint32_t *w_packed, float *y, int64_t ldy,
+                        int64_t m_size, int64_t n_size, int64_t k_size, int num_threads) {
+    const int64_t num_tiles = (n_size + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t tile_words = (k_size + 1) / 2 * TILE_ROWS;
+    const int64_t block_tiles = tiles_per_block(m_size, tile_words * 4);
+    const int64_t num_blocks = (num_tiles + block_tiles - 1) / block_tiles;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t block = 0; block < num_blocks; block++) {
+        const int64_t first = block * block_tiles, end = first + block_tiles < num_tiles ? first + block_tiles : num_tiles;
+        for (int64_t m = 0; m < m_size; m += 4) {
+            const float *xm = x + m * ldx;
+            for (int64_t t = first; t < end; t++) {
+                const uint32_t *w = w_packed + t * tile_words;
+                const int64_t n = t * TILE_ROWS;
+                if (m + 4 <= m_size)
+                    for (int v = 0; v < TILE_VECS; v++) bf16_block(1, 4, xm, ldx, w, v, y + m * ldy + n, ldy, n_size - n, k_size);
+                else
+                    for (int64_t r = 0; m + r < m_size; r++)
+                        bf16_block(TILE_VECS, 1, xm + r * ldx, ldx, w, 0, y + (m + r) * ldy + n, ldy, n_size - n, k_size);
+            }
+        }
+    }
+}
+#endif

@@ -1,6 +1,10 @@
-/* Hearth's int4 linear for x86-64 CPUs with AVX-512 BF16: Y[M, N] = X[M, K] @ W[N, K]^T, where
- * W = (q - 8) * scale + zero per group of `group_size` input columns (model/quant_kernels.py's
- * int4 format: codes q in 0..15, bf16 scales and zeros per output row and group). X, Y: bf16.
+/* Hearth's int4 linear: Y[M, N] = X[M, K] @ W[N, K]^T, where W = (q - 8) * scale + zero per group
+ * of `group_size` input columns (model/quant_kernels.py's int4 format: codes q in 0..15, bf16
+ * scales and zeros per output row and group). Two paths, one per kind of CPU:
+ * - AVX-512 BF16 (the first part below): X and Y bf16, `vdpbf16ps`;
+ * - the fp32 path (vec.h: AVX2 + FMA, ARM64 NEON; the second part): X and Y fp32.
+ *
+ * The AVX-512 BF16 path:
  *
  * Why it exists: an int4 decode step reads 0.625 bytes a weight, a quarter of bf16's, but
  * PyTorch's `_weight_int4pack_mm_for_cpu` streams them at ~14-19 GB/s here (bench_decode_step.py),
@@ -26,6 +30,7 @@
  * within a few bf16 steps (tests/test_native.py).
  * group_size must be a multiple of 32 and divide K; N is padded to 64 (a quad) in the packing.
  */
+#if defined(__AVX512BF16__)
 #include "bf16.h"
 
 #include <immintrin.h>
@@ -151,3 +156,122 @@ int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, 
     free(sums);
     return 0;
 }
+
+#else /* the fp32 path: X and Y fp32 */
+#include "vec.h"
+
+#include <stdlib.h>
+
+/* Layout: tiles of 32 output rows (4 vectors of 8 lanes, a lane an output row); a tile is its
+ * groups in order, each group_size / 8 chunks of 32 words (word l of chunk c: row l's codes for
+ * columns 8c..8c + 7 of the group, column 8c + j in bits 4j..4j + 3), then the group's 32 scales
+ * and 32 zeros in bf16: 0.625 bytes a weight at group 32, one sequential stream per tile.
+ *
+ * Arithmetic: per group and output, two fp32 accumulators (even and odd nibbles, fused
+ * multiply-adds of the code as an exact fp32 0..15 against x, in column order), added;
+ * y = fma(scale, dot, y), then y = fma(zero - 8 scale, sum x, y) with sum x over the group
+ * computed once per row (8 lanes then a fixed lane sum); groups in order. The same steps for
+ * every row count, so a row's result is batch invariant. group_size: a multiple of 32 dividing K. */
+#define TILE_ROWS 32
+#define TILE_VECS 4
+
+static inline void store_outputs(float *y, vf v, int64_t left) {
+    if (left >= 8) { vf_store(y, v); return; }
+    float lanes[8];
+    vf_store(lanes, v);
+    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
+}
+
+static inline int64_t group_bytes(int64_t group_size) { return group_size / 8 * TILE_ROWS * 4 + TILE_ROWS * 4; }
+
+/* Vectors v0..v0 + nv - 1 of one tile against nr rows of X (constants: unrolled, in registers). */
+static inline __attribute__((always_inline)) void int4_block(
+    const int nv, const int nr, const float *x, int64_t ldx, const float *sums, const uint8_t *tile, const int v0,
+    float *y, int64_t ldy, int64_t num_out, int64_t num_groups, int64_t group_size) {
+    vf acc[TILE_VECS][4];
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++) acc[v][r] = vf_zero();
+    for (int64_t g = 0; g < num_groups; g++) {
+        const uint32_t *codes = (const uint32_t *)(tile + g * group_bytes(group_size));
+        vf even[TILE_VECS][4], odd[TILE_VECS][4];
+        for (int v = 0; v < nv; v++)
+            for (int r = 0; r < nr; r++) even[v][r] = odd[v][r] = vf_zero();
+        for (int64_t c = 0; c < group_size / 8; c++) {
+            const float *xc = x + g * group_size + 8 * c;
+            for (int v = 0; v < nv; v++) {
+                const vi words = vi_load(codes + c * TILE_ROWS + 8 * (v0 + v));
+#define NIBBLE_PAIR(j)                                                                       \
+                {                                                                            \
+                    const vf q0 = VI_NIBBLE(words, j), q1 = VI_NIBBLE(words, j + 1);         \
+                    for (int r = 0; r < nr; r++) {                                           \
+                        even[v][r] = vf_fma(q0, vf_set1(xc[r * ldx + j]), even[v][r]);       \
+                        odd[v][r] = vf_fma(q1, vf_set1(xc[r * ldx + j + 1]), odd[v][r]);     \
+                    }                                                                        \
+                }
+                NIBBLE_PAIR(0) NIBBLE_PAIR(2) NIBBLE_PAIR(4) NIBBLE_PAIR(6)
+#undef NIBBLE_PAIR
+            }
+        }
+        const uint16_t *scale_zero = (const uint16_t *)(codes + group_size / 8 * TILE_ROWS);
+        for (int v = 0; v < nv; v++) {
+            const vf scale = vf_from_bf16(scale_zero + 8 * (v0 + v)), zero = vf_from_bf16(scale_zero + TILE_ROWS + 8 * (v0 + v));
+            const vf offset = vf_fma(vf_set1(-8.0f), scale, zero);
+            for (int r = 0; r < nr; r++) {
+                acc[v][r] = vf_fma(scale, vf_add(even[v][r], odd[v][r]), acc[v][r]);
+                acc[v][r] = vf_fma(offset, vf_set1(sums[r * num_groups + g]), acc[v][r]);
+            }
+        }
+    }
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++) store_outputs(y + r * ldy + 8 * (v0 + v), acc[v][r], num_out - 8 * (v0 + v));
+}
+
+/* sums[m][g]: row m of X over group g, 8 lanes then vf_sum. */
+static void group_sums(const float *x, int64_t ldx, int64_t m_size, int64_t num_groups, int64_t group_size, float *sums) {
+    for (int64_t m = 0; m < m_size; m++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            vf total = vf_zero();
+            for (int64_t k = 0; k < group_size; k += 8) total = vf_add(total, vf_load(x + m * ldx + g * group_size + k));
+            sums[m * num_groups + g] = vf_sum(total);
+        }
+}
+
+static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
+    if (m_size <= 4) return 1;
+    const int64_t tiles = (256 << 10) / tile_bytes;
+    return tiles > 1 ? tiles : 1;
+}
+
+/* Returns 0, -1 when out of memory, -2 when group_size is not a multiple of 32 dividing K. */
+int hearth_linear_int4(const float *x, int64_t ldx, const uint8_t *w_packed, float *y, int64_t ldy, int64_t m_size,
+                       int64_t n_size, int64_t k_size, int64_t group_size, int num_threads) {
+    if (group_size <= 0 || group_size % 32 || k_size % group_size) return -2;
+    const int64_t num_groups = k_size / group_size, tile_bytes = num_groups * group_bytes(group_size);
+    const int64_t num_tiles = (n_size + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t block_tiles = tiles_per_block(m_size, tile_bytes);
+    const int64_t num_blocks = (num_tiles + block_tiles - 1) / block_tiles;
+    float *sums = malloc((size_t)(m_size * num_groups) * sizeof(float));
+    if (!sums) return -1;
+    group_sums(x, ldx, m_size, num_groups, group_size, sums);
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t block = 0; block < num_blocks; block++) {
+        const int64_t first = block * block_tiles, end = first + block_tiles < num_tiles ? first + block_tiles : num_tiles;
+        for (int64_t m = 0; m < m_size; m += 4) {
+            for (int64_t t = first; t < end; t++) {
+                const uint8_t *tile = w_packed + t * tile_bytes;
+                const int64_t n = t * TILE_ROWS;
+                if (m + 4 <= m_size)
+                    for (int v = 0; v < TILE_VECS; v++)
+                        int4_block(1, 4, x + m * ldx, ldx, sums + m * num_groups, tile, v, y + m * ldy + n, ldy,
+                                   n_size - n, num_groups, group_size);
+                else
+                    for (int64_t r = m; r < m_size; r++)
+                        int4_block(TILE_VECS, 1, x + r * ldx, ldx, sums + r * num_groups, tile, 0, y + r * ldy + n, ldy,
+                                   n_size - n, num_groups, group_size);
+            }
+        }
+    }
+    free(sums);
+    return 0;
+}
+#endif

@@ -1,4 +1,9 @@
-/* Hearth's int8 linear for x86-64 CPUs with AVX-512 BF16: Y[M, N] = (X[M, K] @ Q[N, K]^T) * scale[N].
+/* Hearth's int8 linear: Y[M, N] = X[M, K] @ (Q[N, K] * scale)^T. Two paths, one per kind of CPU:
+ * - AVX-512 BF16 (the first part below): X and Y bf16, one scale per output row;
+ * - the fp32 path (vec.h: AVX2 + FMA, ARM64 NEON; the second part): X and Y fp32, a scale per
+ *   output row or per group of input columns (GGUF's Q8_0 is groups of 32).
+ *
+ * The AVX-512 BF16 path: Y[M, N] = (X[M, K] @ Q[N, K]^T) * scale[N].
  *
  * Q holds int8 weights with one fp32 scale per output row (the int8 per-channel format of
  * model/quant_kernels.py); X and Y are bf16. Same design as linear_bf16.c: the weights are
@@ -14,6 +19,7 @@
  * (nearest even). Nothing else in the batch takes part, so a row's result does not depend on
  * the row count (batch invariance).
  */
+#if defined(__AVX512BF16__)
 #include "bf16.h"
 
 #include <immintrin.h>
@@ -94,8 +100,11 @@ static inline __attribute__((always_inline)) void tile_rows(
             y[r * ldy + n] = to_bf16(_mm512_reduce_add_ps(acc[r][n]) * scale[n]);
 }
 
-void hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
-                       int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int num_threads) {
+/* group_size: 0 or k_size (one scale per output row) on this path. Returns 0, or -2 for groups. */
+int hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, const float *scales, uint16_t *y,
+                       int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size,
+                       int num_threads) {
+    if (group_size && group_size != k_size) return -2;
     const int64_t num_tiles = (n_size + TILE_N - 1) / TILE_N;
     const int64_t num_blocks = (num_tiles + BLOCK_TILES - 1) / BLOCK_TILES;
     const int64_t k_padded = (k_size + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
@@ -122,4 +131,95 @@ void hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, 
             }
         }
     }
+    return 0;
 }
+
+#else /* the fp32 path: X and Y fp32 */
+#include "vec.h"
+
+/* Layout: tiles of 32 output rows (4 vectors of 8 lanes, a lane an output row), each tile
+ * [K][32] int8 (column by column: one 8-byte load is 8 rows of one column), streamed once per 1-4
+ * rows of X; scales [tiles][groups][32] fp32 (one group of K columns for a scale per row).
+ *
+ * Arithmetic: per group, two fp32 accumulators (even and odd columns, fused multiply-adds in
+ * column order, the int8 codes widened to fp32 exactly), added; y = fma(scale, that, y) over the
+ * groups in order (one group: y = scale * sum). The same steps for every row count, so a row's
+ * result is batch invariant. K and the group size must be even. */
+#define TILE_ROWS 32
+#define TILE_VECS 4
+
+static inline void store_outputs(float *y, vf v, int64_t left) {
+    if (left >= 8) { vf_store(y, v); return; }
+    float lanes[8];
+    vf_store(lanes, v);
+    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
+}
+
+/* Vectors v0..v0 + nv - 1 of one tile against nr rows of X (constants: unrolled, in registers). */
+static inline __attribute__((always_inline)) void int8_block(
+    const int nv, const int nr, const float *x, int64_t ldx, const int8_t *w, const float *scales, const int v0,
+    float *y, int64_t ldy, int64_t num_out, int64_t k_size, int64_t group_size) {
+    vf acc[TILE_VECS][4];
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++) acc[v][r] = vf_zero();
+    for (int64_t g = 0; g < k_size / group_size; g++) {
+        vf even[TILE_VECS][4], odd[TILE_VECS][4];
+        for (int v = 0; v < nv; v++)
+            for (int r = 0; r < nr; r++) even[v][r] = odd[v][r] = vf_zero();
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 2) {
+            for (int v = 0; v < nv; v++) {
+                const vf low = vf_from_int8(w + k * TILE_ROWS + 8 * (v0 + v));
+                const vf high = vf_from_int8(w + (k + 1) * TILE_ROWS + 8 * (v0 + v));
+                for (int r = 0; r < nr; r++) {
+                    even[v][r] = vf_fma(low, vf_set1(x[r * ldx + k]), even[v][r]);
+                    odd[v][r] = vf_fma(high, vf_set1(x[r * ldx + k + 1]), odd[v][r]);
+                }
+            }
+        }
+        for (int v = 0; v < nv; v++) {
+            const vf scale = vf_load(scales + g * TILE_ROWS + 8 * (v0 + v));
+            for (int r = 0; r < nr; r++) acc[v][r] = vf_fma(scale, vf_add(even[v][r], odd[v][r]), acc[v][r]);
+        }
+    }
+    for (int v = 0; v < nv; v++)
+        for (int r = 0; r < nr; r++) store_outputs(y + r * ldy + 8 * (v0 + v), acc[v][r], num_out - 8 * (v0 + v));
+}
+
+static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
+    if (m_size <= 4) return 1;
+    const int64_t tiles = (256 << 10) / tile_bytes;
+    return tiles > 1 ? tiles : 1;
+}
+
+/* group_size 0 means one scale per output row. Returns 0, or -2 when K or the group size is odd
+ * or the group size does not divide K. */
+int hearth_linear_int8(const float *x, int64_t ldx, const int8_t *w_packed, const float *scales, float *y,
+                       int64_t ldy, int64_t m_size, int64_t n_size, int64_t k_size, int64_t group_size,
+                       int num_threads) {
+    if (!group_size) group_size = k_size;
+    if (k_size % 2 || group_size % 2 || k_size % group_size) return -2;
+    const int64_t num_tiles = (n_size + TILE_ROWS - 1) / TILE_ROWS, num_groups = k_size / group_size;
+    const int64_t block_tiles = tiles_per_block(m_size, k_size * TILE_ROWS);
+    const int64_t num_blocks = (num_tiles + block_tiles - 1) / block_tiles;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t block = 0; block < num_blocks; block++) {
+        const int64_t first = block * block_tiles, end = first + block_tiles < num_tiles ? first + block_tiles : num_tiles;
+        for (int64_t m = 0; m < m_size; m += 4) {
+            const float *xm = x + m * ldx;
+            for (int64_t t = first; t < end; t++) {
+                const int8_t *w = w_packed + t * k_size * TILE_ROWS;
+                const float *s = scales + t * num_groups * TILE_ROWS;
+                const int64_t n = t * TILE_ROWS;
+                if (m + 4 <= m_size)
+                    for (int v = 0; v < TILE_VECS; v++)
+                        int8_block(1, 4, xm, ldx, w, s, v, y + m * ldy + n, ldy, n_size - n, k_size, group_size);
+                else
+                    for (int64_t r = 0; m + r < m_size; r++)
+                        int8_block(TILE_VECS, 1, xm + r * ldx, ldx, w, s, 0, y + (m + r) * ldy + n, ldy, n_size - n,
+                                   k_size, group_size);
+            }
+        }
+    }
+    return 0;
+}
+#endif

@@ -1,4 +1,9 @@
-/* Hearth's attention over a paged KV cache, for x86-64 CPUs with AVX-512: bf16 in and out.
+/* Hearth's attention over a paged KV cache, and the rotary embedding with the cache write. Two
+ * paths, one per kind of CPU: AVX-512 BF16 (the first part below: q, the cache and the output in
+ * bf16) and the fp32 path (vec.h: AVX2 + FMA, ARM64 NEON; the second part: all fp32). Both read
+ * the blocks in place and compute each row on its own, in the same order.
+ *
+ * The AVX-512 BF16 path:
  *
  * Each query row r attends, per query head h, to the keys at positions 0..positions[r]
  * of its own sequence, found through that sequence's block table. Rows are independent:
@@ -16,6 +21,7 @@
  * row's result is the same in any batch, in a prefill or a decode step (batch invariance
  * and prefill/decode agreement by construction). head_dim must be a multiple of 16.
  */
+#if defined(__AVX512BF16__)
 #include "bf16.h"
 
 #include <immintrin.h>
@@ -138,3 +144,112 @@ void hearth_rope_write_kv(uint16_t *qkv, int64_t ld, const uint16_t *cos, const 
         }
     }
 }
+
+#else /* the fp32 path: q, the cache and the output fp32 */
+#include "vec.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#define MAX_HEAD_DIM 256
+
+/* One (row, head), as the AVX-512 path: q . k in 8-lane fused multiply-adds over head_dim then
+ * vf_sum, times the scale; softmax in fp32 (the max, vf_exp_nonpositive 8 keys at a time, the sum
+ * of the 8-lane vectors in key order, then vf_sum); out = sum_j p_j v_j in key order, times 1 / sum. */
+static void attend_one(const float *q, const float *keys, const float *values, const int32_t *block_ids,
+                       int64_t num_keys, int head_dim, int block_size, float scale, float *scores, float *out) {
+    const int chunks = head_dim / 8;
+    vf qv[MAX_HEAD_DIM / 8];
+    for (int c = 0; c < chunks; c++) qv[c] = vf_load(q + 8 * c);
+    float max_score = -INFINITY;
+    for (int64_t j = 0; j < num_keys; j++) {
+        const float *k = keys + ((int64_t)block_ids[j / block_size] * block_size + j % block_size) * head_dim;
+        vf dot = vf_mul(qv[0], vf_load(k));
+        for (int c = 1; c < chunks; c++) dot = vf_fma(qv[c], vf_load(k + 8 * c), dot);
+        scores[j] = vf_sum(dot) * scale;
+        max_score = scores[j] > max_score ? scores[j] : max_score;
+    }
+    vf sums = vf_zero();
+    const vf max_v = vf_set1(max_score);
+    for (int64_t j = 0; j < num_keys; j += 8) {
+        const vf e = vf_exp_nonpositive(vf_sub(vf_load(scores + j), max_v)); /* scores has 8 floats of slack */
+        vf_store(scores + j, e);
+        for (int64_t pad = num_keys; pad < j + 8; pad++) scores[pad] = 0.0f; /* past the last key: weight 0 */
+        sums = vf_add(sums, vf_load(scores + j));
+    }
+    const float inverse_sum = 1.0f / vf_sum(sums);
+    vf acc[MAX_HEAD_DIM / 8];
+    for (int c = 0; c < chunks; c++) acc[c] = vf_zero();
+    for (int64_t j = 0; j < num_keys; j++) {
+        const float *v = values + ((int64_t)block_ids[j / block_size] * block_size + j % block_size) * head_dim;
+        const vf p = vf_set1(scores[j]);
+        for (int c = 0; c < chunks; c++) acc[c] = vf_fma(p, vf_load(v + 8 * c), acc[c]);
+    }
+    const vf inverse = vf_set1(inverse_sum);
+    for (int c = 0; c < chunks; c++) vf_store(out + 8 * c, vf_mul(acc[c], inverse));
+}
+
+/* As the AVX-512 path's, in fp32: q [rows][n_heads][head_dim] (strides q_row, q_head), keys and
+ * values [n_kv_heads][slots][head_dim], out [rows][n_heads][head_dim]. head_dim a multiple of 8.
+ * Returns 0, -1 when out of memory, -2 for a head_dim it cannot take. */
+int hearth_paged_attention(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
+                           int64_t kv_head_stride, const int32_t *block_ids, const int64_t *table_offsets,
+                           const int32_t *positions, float *out, int64_t num_rows, int n_heads, int n_kv_heads,
+                           int head_dim, int block_size, float scale, int num_threads) {
+    if (head_dim % 8 || head_dim > MAX_HEAD_DIM) return -2;
+    int64_t max_keys = 1;
+    for (int64_t r = 0; r < num_rows; r++) max_keys = positions[r] + 1 > max_keys ? positions[r] + 1 : max_keys;
+    const int group = n_heads / n_kv_heads;
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc((size_t)(max_keys + 8) * sizeof(float));
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < num_rows; r++) {
+            for (int h = 0; h < n_heads; h++) {
+                if (!scores) continue;
+                const int64_t kv = h / group;
+                attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
+                           block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
+                           scores, out + (r * n_heads + h) * head_dim);
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Rotary embedding on the q and k heads of qkv (fp32, row stride ld), in place, then k and v into
+ * the cache, as the AVX-512 path; cos, sin: [rows][head_dim] fp32. x' = x * cos + rotate_half(x) * sin
+ * with each product and the sum rounded once (no fused multiply-add), as model.decoder.apply_rope
+ * does in fp32: the same bits. */
+void hearth_rope_write_kv(float *qkv, int64_t ld, const float *cos, const float *sin, int64_t num_rows,
+                          int n_heads, int n_kv_heads, int head_dim, float *keys, float *values,
+                          int64_t kv_head_stride, const int64_t *slots, int num_threads) {
+    const int half = head_dim / 2;
+    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows > 16)
+    for (int64_t r = 0; r < num_rows; r++) {
+        float *row = qkv + r * ld;
+        const float *c = cos + r * head_dim, *s = sin + r * head_dim;
+        for (int h = 0; h < n_heads + n_kv_heads; h++) {
+            float *x = row + h * head_dim;
+            for (int d = 0; d < half; d++) {
+                const float x1 = x[d], x2 = x[d + half];
+                const float first_cos = x1 * c[d], first_sin = -x2 * s[d];
+                const float second_cos = x2 * c[d + half], second_sin = x1 * s[d + half];
+                x[d] = first_cos + first_sin;
+                x[d + half] = second_cos + second_sin;
+            }
+        }
+        for (int h = 0; h < n_kv_heads; h++) {
+            memcpy(keys + h * kv_head_stride + slots[r] * head_dim, row + (n_heads + h) * head_dim, head_dim * 4);
+            memcpy(values + h * kv_head_stride + slots[r] * head_dim, row + (n_heads + n_kv_heads + h) * head_dim,
+                   head_dim * 4);
+        }
+    }
+}
+#endif

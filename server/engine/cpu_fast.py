@@ -1,4 +1,4 @@
-"""CPU fast path: pre-packed matmuls for bf16 models, q/k/v and gate/up fused (quantized ones too).
+"""CPU fast path: pre-packed matmuls, q/k/v and gate/up fused (quantized ones too).
 
 Design choices:
 - A decode step is a series of GEMVs over the weights, so its speed is weight
@@ -15,8 +15,14 @@ Design choices:
   construction), else oneDNN's. oneDNN's rows are not always independent of the
   row count: with K = 3072 (the `small` down projection) a row's low bits change
   with M. Results match the plain model's within bf16 rounding (tested), not bit
-  for bit: the fp32 sums run in another order. float32 models (the exactness
-  tests) are left alone.
+  for bit: the fp32 sums run in another order.
+- On the native fp32 path (AVX2, NEON: model/native.py) the engine's body is
+  fp32 and a linear whose fp32 weight holds bf16 values exactly (a bf16
+  checkpoint loaded as fp32) is packed in bf16, read at half the bytes, with
+  results equal to the fp32 matmul's up to the sum order; a weight that is truly
+  fp32 (the exactness tests' models) stays an nn.Linear. There the SwiGLU is the
+  native one too (`native.silu_mul`), so the modules and the one-call decoder
+  agree bit for bit.
 - int8 per-channel layers go to the native int8 kernel where it runs (2x
   `_weight_int8pack_mm` for a decode step's rows, batch invariant the same way),
   stacked and packed straight into its tiles; int4 layers with groups of a
@@ -51,20 +57,38 @@ from model.quant import QuantizedLinear
 from server.engine.kv_cache import PagedKVCache
 
 
+def has_onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether a model whose body runs in `dtype` on `device` gets the packed modules."""
+    if device.type != "cpu":
+        return False
+    return dtype == native.activation_dtype() or (dtype == torch.bfloat16 and has_onednn_bf16())
+
+
+def holds_bf16_values(weight: Tensor) -> bool:
+    """An fp32 weight every element of which is a bf16 (a bf16 checkpoint loaded as fp32)."""
+    return weight.dtype == torch.float32 and torch.equal(weight.to(torch.bfloat16).float(), weight)
 
 
 def is_plain_bf16_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16
+    """A bias-free linear with bf16 weights, or, on the native fp32 path, fp32 weights holding bf16 values."""
+    if type(module) is not nn.Linear or module.bias is not None:
+        return False
+    weight = module.weight
+    if weight.dtype == torch.bfloat16:
+        return native.activation_dtype() == torch.bfloat16 or has_onednn_bf16()
+    return native.is_fp32_path() and native.linear_bf16_kernel() is not None and holds_bf16_values(weight.detach())
 
 
 class PackedLinear(nn.Module):
     """y = x @ W.T for a bias-free bf16 weight (several stacked by rows), packed once.
 
     With the native kernel (model/native.py) the weight is packed into its
-    4-row tiles; without it (another CPU, no C compiler, HEARTH_NATIVE_KERNELS=0),
+    tiles (bf16 on both paths; on the fp32 path the weight is an fp32 one holding
+    bf16 values); without it (another CPU, no C compiler, HEARTH_NATIVE_KERNELS=0),
     into oneDNN's blocked layout. `kernel` says which.
     """
 
@@ -73,7 +97,7 @@ class PackedLinear(nn.Module):
         weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum of out, in]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # Plain attributes, not parameters or buffers: nothing trains or saves them.
-        if native.linear_bf16_kernel() is not None:
+        if native.linear_bf16_kernel() is not None and weight.dtype == native.activation_dtype():
             self.kernel, self.packed_weight = "native", native.pack_bf16_weight(weight)
         else:  # an opaque MKLDNN tensor
             self.kernel, self.packed_weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -85,9 +109,13 @@ class PackedLinear(nn.Module):
 
 
 def is_native_int8(module: nn.Module) -> bool:
-    """An int8 per-channel layer the native int8 kernel can take (unless pinned to the reference)."""
-    return (type(module) is QuantizedLinear and module.spec.method == "int8" and module.spec.group_size is None
-            and module.kernel == "auto" and module.scales.device.type == "cpu" and native.linear_int8_kernel() is not None)
+    """An int8 layer the native int8 kernel can take (unless pinned to the reference): one scale per
+    row, or, on the fp32 path, per group of an even size."""
+    if type(module) is not QuantizedLinear or module.spec.method != "int8" or module.kernel != "auto":
+        return False
+    group_size = module.spec.group_size
+    grouping_fits = group_size is None or (native.is_fp32_path() and group_size % 2 == 0)
+    return grouping_fits and module.scales.device.type == "cpu" and native.linear_int8_kernel() is not None
 
 
 class PackedInt8Linear(nn.Module):
@@ -100,10 +128,11 @@ class PackedInt8Linear(nn.Module):
         weights = [layer.quantized_weight() for layer in layers]
         codes = torch.cat([w.data for w in weights])  # [sum of out, in]
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.group_size = layers[0].spec.group_size or 0  # 0: one scale per output row
         self.packed = native.pack_int8_weight(codes, torch.cat([w.scales for w in weights]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return native.linear_int8(x, self.packed, self.out_features)
+        return native.linear_int8(x, self.packed, self.out_features, self.group_size)
 
 
 def is_native_int4(module: nn.Module) -> bool:
@@ -139,7 +168,7 @@ def fused_linear(*linears: nn.Module) -> nn.Module | None:
     matmul (`QuantizedLinear.stacked`, exact per output column)."""
     if all(is_plain_bf16_linear(m) for m in linears):
         return PackedLinear(*linears)
-    if all(is_native_int8(m) for m in linears) and len({m.in_features for m in linears}) == 1:
+    if all(is_native_int8(m) for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
         return PackedInt8Linear(*linears)
     if all(is_native_int4(m) for m in linears) and len({(m.spec, m.in_features) for m in linears}) == 1:
         return PackedInt4Linear(*linears)
@@ -161,7 +190,7 @@ class FusedAttention(nn.Module):
                 cache: KVCache | None, layer: int) -> Tensor:
         batch, seq_len, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        if getattr(cache, "uses_native_kernel", False) and batch == 1 and rope[0].dtype == torch.bfloat16:
+        if getattr(cache, "uses_native_kernel", False) and batch == 1 and rope[0].dtype == native.activation_dtype():
             cos, sin = (t[0, 0] for t in rope)  # [1, 1, T, hd] -> [T, hd]
             out = cache.attend_qkv(layer, self.qkv.forward(x[0]), cos, sin, heads)  # [T, H * hd]
             return self.o.forward(out)[None]
@@ -181,15 +210,21 @@ class FusedAttention(nn.Module):
 
 
 class FusedMLP(nn.Module):
-    """model.decoder.MLP (SwiGLU) with gate and up computed by one matmul."""
+    """model.decoder.MLP (SwiGLU) with gate and up computed by one matmul; on the native fp32 path
+    with the native SwiGLU (the one-call decoder's, so both give the same bits)."""
 
     def __init__(self, mlp: MLP, gate_up: nn.Module, down: nn.Module):
         super().__init__()
         self.ffn_dim = mlp.gate.out_features
         self.gate_up, self.down = gate_up, down
+        on_cpu = all(t.device.type == "cpu" for t in (*mlp.parameters(), *mlp.buffers()))
+        self.native_swiglu = on_cpu and native.is_fp32_path() and self.ffn_dim % 8 == 0 and native.silu_mul_kernel() is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up.forward(x).split(self.ffn_dim, dim=-1)
+        gate_up = self.gate_up.forward(x)
+        if self.native_swiglu and gate_up.dtype == torch.float32:
+            return self.down.forward(native.silu_mul(gate_up, self.ffn_dim))
+        gate, up = gate_up.split(self.ffn_dim, dim=-1)
         return self.down.forward(F.silu(gate) * up)
 
 
@@ -208,7 +243,7 @@ def can_use_native_norm(module: nn.Module) -> bool:
     if type(module) is not RMSNorm:
         return False
     weight = module.weight
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.shape[0] % 16 == 0
+    return (weight.dtype == native.activation_dtype() and weight.device.type == "cpu" and weight.shape[0] % 16 == 0
             and native.rms_norm_kernel() is not None)
 
 
@@ -273,7 +308,7 @@ def native_linear_weights(module: nn.Module) -> native.LinearWeights | None:
     if type(module) is PackedInt8Linear:
         tiles, scales = module.packed
         return native.LinearWeights(native.INT8_KIND, module.out_features, module.in_features, tiles.data_ptr(),
-                                    scales.data_ptr())
+                                    scales.data_ptr(), module.group_size)
     if type(module) is PackedInt4Linear:
         return native.LinearWeights(native.INT4_KIND, module.out_features, module.in_features,
                                     module.packed.data_ptr(), None, module.group_size)
@@ -327,7 +362,7 @@ class NativeDecoder:
 
     def hidden_states(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens, positions: [N] -> final-normed hidden states [N, dim], rows as `cache.metadata` lays them out."""
-        x = self.model.embed(tokens).to(torch.bfloat16).contiguous()  # [N, dim], updated in place
+        x = self.model.embed(tokens).to(native.activation_dtype()).contiguous()  # [N, dim], updated in place
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # [N, hd]
         meta = self.cache.metadata
         rows = meta.native

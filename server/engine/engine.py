@@ -1,4 +1,4 @@
-"""The engine: admission on the event loop, a step loop in a background thread.
+"""The engine: admission on the event loop, its steps on the process's engine thread.
 
     engine = Engine.from_checkpoint("weights/default", EngineConfig())
     engine.start()
@@ -7,7 +7,8 @@
 
 Design choices:
 - One background thread owns the scheduler, the KV cache and the model; the
-  event loop never touches them. `generate()` checks the request (parameters,
+  event loop never touches them. It is shared by every engine of the process
+  (server/engine/step_loop.py: one OpenMP team however many models are served). `generate()` checks the request (parameters,
   context, queue bound) on the caller's side, then hands it over through a
   locked inbox and waits on its own asyncio.Queue; the thread puts outputs
   there with `loop.call_soon_threadsafe`. Torch releases the GIL in its
@@ -25,6 +26,8 @@ Design choices:
 - `from_checkpoint` loads on a thread of its own that exits when done (see
   `run_in_fresh_thread`): the engine thread must be the only thread that
   keeps an OpenMP team alive.
+- `dtype` "auto" is what the CPU computes natively (`auto_dtype`): fp32 on AVX2
+  and NEON, bf16 on AVX-512 BF16 (model/native.py's paths) and on CUDA.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import torch
 
+from model import native
 from model.config import ModelConfig
 from model.decoder import Transformer
 from model.errors import HearthError
 from model.tokenizer import Tokenizer
+from server.engine import cpu_fast, step_loop
 from server.engine.kv_cache import KVCacheManager, PagedKVCache
 from server.engine.sampling import SampleResult, SequenceSampler
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, TokenEvent
@@ -70,7 +75,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 @dataclass
 class EngineConfig:
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (cuda when available)
-    dtype: str = "auto"  # compute and KV dtype: auto (bfloat16), bfloat16 or float32 (exactness tests)
+    dtype: str = "auto"  # compute and KV dtype: auto (what the CPU computes natively: auto_dtype), bfloat16 or float32
     block_size: int = 16  # tokens per KV block
     kv_cache_blocks: int | None = None  # pool size; None: from kv_cache_memory_gb, capped at max_num_seqs full contexts
     kv_cache_memory_gb: float = 2.0  # KV budget when kv_cache_blocks is None
@@ -92,7 +97,7 @@ class EngineConfig:
             raise HearthError(f"engine config: dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
 
     def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "auto" else DTYPES[self.dtype]
+        return auto_dtype(self.torch_device()) if self.dtype == "auto" else DTYPES[self.dtype]
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -107,6 +112,18 @@ class EngineConfig:
         wanted = self.max_num_seqs * blocks_per_seq
         affordable = int(self.kv_cache_memory_gb * 2**30) // PagedKVCache.bytes_per_block(model_config, self.block_size, dtype)
         return max(min(wanted, affordable), blocks_per_seq) + 1
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA; a CPU with AVX-512 BF16 or AMX: the native
+    kernels' bf16 path, or oneDNN's), else fp32 (AVX2, NEON without bf16, anything else): bf16
+    emulated in fp32 costs more than the halved bytes save, and fp32 is exact."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    native_dtype = native.activation_dtype()
+    if native_dtype is not None:
+        return native_dtype
+    return torch.bfloat16 if cpu_fast.has_onednn_bf16() else torch.float32
 
 
 def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -184,12 +201,14 @@ class Engine:
                                                    model_config.max_seq_len, self.config.block_size), self.kv_manager)
         self.worker = ModelWorker(model, num_blocks, self.config.block_size)
         self._requests: dict[str, _RequestState] = {}  # engine thread only
-        self._lock = threading.Condition()
+        self._loop = step_loop.SHARED
+        self._lock = self._loop.lock  # shared with every engine on the loop
         self._inbox: deque[_RequestState] = deque()  # guarded by _lock
         self._aborts: deque[str] = deque()  # guarded by _lock
         self._num_unadmitted = 0  # submitted, never scheduled; guarded by _lock
         self._submitted: set[str] = set()  # request ids in flight; guarded by _lock
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._stopped = threading.Event()
         self._stopping = False
 
     @classmethod
@@ -236,19 +255,20 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        """Step on the shared engine thread (server/engine/step_loop.py) from now on."""
+        if self._started:
             return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="hearth-engine", daemon=True)
-        self._thread.start()
+        self._started, self._stopping = True, False
+        self._stopped.clear()
+        self._loop.add(self)
 
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._lock.notify_all()
+        if self._started:
+            self._stopped.wait()
+            self._started = False
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -273,7 +293,7 @@ class Engine:
         with self._lock:
             if request_id in self._submitted:
                 self._aborts.append(request_id)
-                self._lock.notify()
+                self._lock.notify_all()
 
     def _admit(self, request: GenerationRequest) -> _RequestState:
         self._check(request)
@@ -293,7 +313,7 @@ class Engine:
             self._num_unadmitted += 1
             self._submitted.add(request.request_id)
             self._inbox.append(state)
-            self._lock.notify()
+            self._lock.notify_all()
         return state
 
     def _check(self, request: GenerationRequest) -> None:
@@ -310,25 +330,31 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._inbox or self._aborts or self._stopping or self.scheduler.has_work()):
-                    self._lock.wait()
-                if self._stopping:
-                    break
-                new, self._inbox = list(self._inbox), deque()
-                aborts, self._aborts = list(self._aborts), deque()
-            for state in new:
-                self._add(state)
-            for request_id in aborts:
-                self._drop(request_id)
-            try:
-                self._step()
-            except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
-                logger.exception("engine step failed")
-                self._fail_all(RequestFailedError("internal engine error"))
+    def has_turn(self) -> bool:
+        """Anything to do: new requests, aborts, a shutdown, or scheduled work (the lock held)."""
+        return bool(self._inbox or self._aborts or self._stopping or self.scheduler.has_work())
+
+    def take_turn(self) -> bool:
+        """Take new requests and aborts, then one step; False once shutting down."""
+        with self._lock:
+            if self._stopping:
+                return False
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for state in new:
+            self._add(state)
+        for request_id in aborts:
+            self._drop(request_id)
+        try:
+            self._step()
+        except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
+            logger.exception("engine step failed")
+            self._fail_all(RequestFailedError("internal engine error"))
+        return True
+
+    def finish(self) -> None:
         self._fail_all(RequestFailedError("the engine shut down"))
+        self._stopped.set()
 
     def _add(self, state: _RequestState) -> None:
         request = state.request

@@ -314,7 +314,7 @@ class PagedKVCache:
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.zero_blocks([NULL_BLOCK_ID])
         self.metadata: AttentionMetadata | None = None  # set by the worker before each forward
-        self.uses_native_kernel = (dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        self.uses_native_kernel = (dtype == native.activation_dtype() and torch.device(device).type == "cpu"
                                    and config.head_dim % 16 == 0 and config.head_dim <= 256
                                    and native.paged_attention_kernel() is not None
                                    and native.rope_write_kv_kernel() is not None)
