@@ -38,8 +38,11 @@ COPY . /src/
 # --no-build-isolation: build with the setuptools just installed (offline builds have no index to fetch it from).
 RUN pip install --no-deps --no-build-isolation /src \
     && mkdir -p /stage/weights && if [ -d /src/weights ]; then cp -a /src/weights/. /stage/weights/; fi
-# The native kernels (model/native.py), compiled now so the runtime image needs no
-# compiler. Without one here (an offline build on a base without gcc) the server uses PyTorch's.
+# The native kernels (model/native.py), compiled now so the runtime image needs no compiler:
+# every path of the architecture (x86-64: AVX-512 BF16 and AVX2; ARM64: NEON), each library named
+# by its ISA, and the server picks the one the host's CPU runs, so an image built on an AVX-512
+# host runs its AVX2 path on an AVX2 host. Without a compiler here (an offline build on a base
+# without gcc) the server uses PyTorch's kernels.
 RUN { command -v cc >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }; } \
     && cd /tmp && HEARTH_CACHE_DIR=/opt/venv/hearth-cache python -m model.native \
     || echo "no C compiler: the image serves with PyTorch's kernels"

@@ -146,7 +146,8 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 
 
 def model_card(served: ServedModel) -> ModelCard:
-    return ModelCard(id=served.model_id, created=served.created, max_model_len=served.max_seq_len)
+    return ModelCard(id=served.model_id, created=served.created, max_model_len=served.max_seq_len,
+                     compute=served.engine.compute() if hasattr(served.engine, "compute") else None)
 
 
 # -------------------------------------------------------------------- chat

@@ -334,6 +334,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "hearth"
     max_model_len: int | None = None  # vLLM's extra: the context length
+    compute: dict[str, str] | None = None  # Hearth's extra: device, dtype, native_isa, native_decoder
 
 
 class ModelList(BaseModel):

@@ -50,6 +50,11 @@ def test_models_list_and_retrieve(client, tiny_model_dir):
     assert [m.id for m in models.data] == [tiny_model_dir.name]  # the id is the checkpoint folder's name
     model = client.models.retrieve(tiny_model_dir.name)
     assert (model.id, model.object, model.owned_by) == (tiny_model_dir.name, "model", "hearth")
+    from model import native
+
+    compute = model.model_extra["compute"]  # how it runs: what dtype auto chose and the native path found
+    assert compute["device"] == "cpu" and compute["native_isa"] in (*native.ISAS, "off")
+    assert compute["dtype"] in ("float32", "bfloat16")
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"

@@ -221,9 +221,19 @@ class Engine:
         from model.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(path, device=config.torch_device(), dtype=config.torch_dtype())
-        return cls(checkpoint.model, checkpoint.tokenizer, config, model_id=Path(path).name)
+        engine = cls(checkpoint.model, checkpoint.tokenizer, config, model_id=Path(path).name)
+        logger.info("engine %s: %s", engine.model_id, ", ".join(f"{k} {v}" for k, v in engine.compute().items()))
+        return engine
 
     # ------------------------------------------------------------------ public facts
+
+    def compute(self) -> dict[str, str]:
+        """How this engine computes: device, activation/KV dtype, the native kernels' path (or 'off'),
+        and whether a step runs its layers in one native call (for logs and /v1/models)."""
+        device = self.worker.device
+        return {"device": device.type, "dtype": str(self.worker.dtype).removeprefix("torch."),
+                "native_isa": native.isa_name() if device.type == "cpu" else "off",
+                "native_decoder": "yes" if self.worker.native_decoder is not None else "no"}
 
     @property
     def tokenizer(self) -> Tokenizer:
