@@ -368,3 +368,49 @@ def test_every_path_of_the_architecture_builds_under_its_own_name(tmp_path, monk
     names = {path.name.split("-")[-2] for path in libraries}
     expected = {name for name, isa in native.ISAS.items() if native.platform.machine() in isa.machines}
     assert names == expected and all(path.is_file() for path in libraries)
+
+
+def test_an_all_native_worker_pads_no_rows(tokenizer):
+    """MKL's fp32 GEMM needs decode rows padded to 4 for batch invariance; the native kernels do not,
+    so a one-row decode step computes one row."""
+    from server.engine.worker import ModelWorker
+
+    worker = ModelWorker(bf16_valued_tiny_model(tokenizer, 0), 16, 16)
+    assert worker.native_decoder is not None and worker.row_multiple == 1 and worker.padded(1) == 1
+
+
+def test_the_native_fp32_engine_is_batch_invariant(tokenizer, tmp_path):
+    """A request's greedy tokens and logprobs alone equal the same request among five others, with
+    nothing padded (the all-native worker) and prompt chunks mixed with decodes."""
+    import asyncio
+
+    from model.checkpoint import save_checkpoint
+    from server.engine import Engine, EngineConfig
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    save_checkpoint(tmp_path / "bf16", bf16_valued_tiny_model(tokenizer, 4).to(torch.bfloat16), tokenizer)
+    engine = Engine.from_checkpoint(tmp_path / "bf16", EngineConfig(device="cpu", kv_cache_blocks=96,
+                                                                    max_num_seqs=8, max_num_batched_tokens=24,
+                                                                    enable_prefix_caching=False))
+    engine.start()
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
+    texts = ["The king", "Once upon a time", "a b c d e f g h i j k", "To be or not", "Hello", "What light"]
+    prompts = [tokenizer.encode(text) for text in texts]
+
+    async def run(request_id, prompt):
+        tokens, logprobs = [], []
+        async for output in engine.generate(GenerationRequest(request_id, prompt, params)):
+            for delta in output.deltas:
+                tokens += delta.token_ids
+                logprobs += [entry.logprob for entry in delta.logprobs or []]
+        return tokens, logprobs
+
+    async def crowded():
+        return await asyncio.gather(*(run(f"crowd-{i}", p) for i, p in enumerate(prompts)))
+
+    try:
+        assert engine.worker.row_multiple == 1
+        alone = asyncio.run(run("alone", prompts[0]))
+        assert asyncio.run(crowded())[0] == alone
+    finally:
+        engine.shutdown()

@@ -14,7 +14,9 @@ Design choices:
 - Batch invariance: with kernels whose per-row results depend on the row count
   (MKL float32 under 4 rows), the batch and the LM head rows are padded to a
   multiple of `row_multiple` (probed at start-up, 1 for bfloat16 here), so a
-  request's tokens do not depend on what else runs in the step.
+  request's tokens do not depend on what else runs in the step. Where every
+  matmul is a native kernel (the one-call decoder and a native LM head), rows
+  are independent by construction and nothing is padded.
 - On CPU in bfloat16 the model's matmuls are swapped for pre-packed, fused
   ones (server/engine/cpu_fast.py), and where every layer is native the
   layers of a step run in one native call (cpu_fast.NativeDecoder).
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from model.decoder import Transformer
-from server.engine.cpu_fast import NativeDecoder, can_pack, pack_model
+from server.engine.cpu_fast import NativeDecoder, can_pack, native_linear_weights, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
 from server.engine.sampling import SampleResult, sample_batch
 from server.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -48,6 +50,10 @@ class ModelWorker:
         self.cache = PagedKVCache(model.config, num_blocks, block_size, self.dtype, self.device, self.row_multiple)
         # every layer of a step in one native call, where all of them run native kernels (else None)
         self.native_decoder = NativeDecoder.build(model, self.cache) if self.num_packed_matmuls else None
+        if self.native_decoder is not None and native_linear_weights(model.lm_head) is not None:
+            # every matmul of a step is a native kernel, whose rows do not depend on the row count:
+            # no padding (MKL's probe would pad a decode row to 4 in fp32)
+            self.row_multiple = self.cache.row_multiple = 1
 
     def padded(self, num_rows: int) -> int:
         return -(-num_rows // self.row_multiple) * self.row_multiple
