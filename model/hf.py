@@ -324,16 +324,12 @@ def tokenizer_info_from_hf(folder: Path, hf_config: dict[str, Any], id_to_token)
     )
 
 
-def hf_adds_bos(backend, tokenizer_config: dict[str, Any], bos_token: str | None) -> bool:
-    """Whether transformers' tokenizer(text) starts with BOS: tokenizer_config.json's add_bos_token
-    when it sets one (transformers then rebuilds the post-processor from it), else what the
-    tokenizer.json post-processor does (none: no BOS)."""
+def hf_adds_bos(backend, bos_token: str | None) -> bool:
+    """Whether transformers' tokenizer(text) starts with BOS: what the tokenizer.json post-processor
+    does (none: no BOS). transformers 5 rebuilds the post-processor from tokenizer_config.json's
+    add_bos_token only for a tokenizer that has none, and then without BOS, so the file decides."""
     bos_id = backend.token_to_id(bos_token) if bos_token is not None else None
-    if bos_id is None:
-        return False
-    if isinstance(tokenizer_config.get("add_bos_token"), bool):
-        return tokenizer_config["add_bos_token"]
-    if backend.post_processor is None:
+    if bos_id is None or backend.post_processor is None:
         return False
     with_specials = backend.encode("a", add_special_tokens=True).ids
     return with_specials[:1] == [bos_id] and backend.encode("a", add_special_tokens=False).ids[:1] != [bos_id]
@@ -373,7 +369,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, ove
     weight_files = hf_weight_files(folder)
     backend = Tokenizer.load(folder / HF_TOKENIZER).backend
     info = tokenizer_info_from_hf(folder, hf_config, backend.id_to_token)
-    info.add_bos = hf_adds_bos(backend, read_json(folder / HF_TOKENIZER_CONFIG, required=False), info.bos_token)
+    info.add_bos = hf_adds_bos(backend, info.bos_token)
     tokenizer = recognise_hearth_template(Tokenizer(backend, info))
     check_output_folder(out, folder, overwrite)
     dtype = dtype or _default_import_dtype(source_dtype(hf_config))
