@@ -453,3 +453,20 @@ def test_serve_entry_imports_a_gguf_file_once_into_the_cache(tmp_path, chat_toke
     assert gguf_entry(f"smol={file}") == f"smol={folder}"  # cached: keyed by the file's hash, not imported again
     assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
     assert gguf_entry(str(tmp_path)) == str(tmp_path)  # a folder is left alone
+
+
+def test_quantized_checkpoint_exports_dequantized_then_requantized(tmp_path, tokenizer):
+    from model.quant import quantize_checkpoint
+
+    model = make_tiny_model(tokenizer, seed=4, dim=64, ffn_dim=96)
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    quantize_checkpoint(folder, tmp_path / "int4", "int4", 32)
+    quantized = load_checkpoint(tmp_path / "int4", dtype=torch.float32)
+    file = export_gguf(tmp_path / "int4", tmp_path / "m.gguf", "q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(file).tensors}
+    assert types["blk.0.attn_q.weight"] == T.Q8_0 and types["blk.0.attn_norm.weight"] == T.F32
+    back = load_checkpoint(import_gguf(file, tmp_path / "back", dtype="float32"))
+    tokens = random_tokens(tokenizer.vocab_size)
+    with torch.no_grad():
+        expected, got = quantized.model(tokens).float(), back.model(tokens)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999
