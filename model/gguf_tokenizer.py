@@ -183,14 +183,14 @@ def _llama_spec(fields: dict[str, Any], file: Path, tokens: list[str]) -> dict[s
 
 
 def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
-    """BPE merges from SentencePiece pieces and scores, as transformers' SentencePieceExtractor makes them."""
+    """BPE merges from SentencePiece pieces and scores, as transformers' generate_merges makes them."""
     vocab = _vocab(tokens)
     merges = []
     for piece, score in zip(tokens, scores):
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
                  if piece[:i] in vocab and piece[i:] in vocab]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
-    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep vocabulary order
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # transformers' generate_merges order
     return [[left, right] for left, right, _ in merges]
 
 

@@ -312,6 +312,24 @@ def test_gpt2_tokenizer_tokenizes_as_the_family_tokenizer(tmp_path, pre):
     assert tokenizer.info.add_bos is (pre == "llama-bpe")  # llama.cpp's default where the key is absent
 
 
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_gpt2_tokenizer_agrees_with_transformers_gguf_loader(tmp_path, pre):
+    """A second, independent reading of the same keys: transformers' GGUF tokenizer."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    reference = trained_bpe(pre)
+    fields = bpe_tokenizer_fields(reference, pre, eos_token_id=reference.token_to_id("<|im_end|>"))
+    config, payloads, _ = tiny_tensors(reference.get_vocab_size(with_added_tokens=True), {"default": T.F16})
+    file = write_gguf(tmp_path / "m.gguf", config, payloads, fields)
+    ours = tokenizer_from_gguf(read_fields(file), file)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in TEXTS + [SPECIAL_TEXT]:
+        assert ours.encode(text, allow_special=True) == theirs(text, add_special_tokens=False).input_ids, text
+
+
 def spm_fields(add_space_prefix: bool | None = None) -> dict:
     """A tiny SentencePiece vocabulary: specials, 256 byte pieces, a few words with scores."""
     words = ["▁", "t", "h", "e", "c", "a", "▁t", "he", "▁the", "at", "▁c", "▁cat", "s", "▁s", "at s"[0:2]]
@@ -339,6 +357,39 @@ def test_llama_tokenizer_is_sentencepiece_with_byte_fallback(tmp_path):
     file = write_gguf(tmp_path / "u.gguf", None, {}, {"general.architecture": "llama", **spm_fields(False)})
     no_prefix = tokenizer_from_gguf(read_fields(file), file)
     assert [no_prefix.backend.id_to_token(i) for i in no_prefix.encode("the")] == ["t", "he"]
+
+
+def trained_sentencepiece_fields() -> dict:
+    """A SentencePiece-style vocabulary learned from the fixture texts: specials, 256 byte pieces,
+    then ▁-words ranked by score, as llama.cpp's converter writes a Llama 2 tokenizer.model."""
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False)
+    backend.train_from_iterator(fixture_texts(), trainer=trainer)
+    words = [t for t, _ in sorted(backend.get_vocab().items(), key=lambda item: item[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + words
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(words),
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(words))],
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+
+
+def test_llama_tokenizer_tokenizes_as_transformers_gguf_loader(tmp_path):
+    """transformers' own GGUF tokenizer (LlamaTokenizer from the same tokens and scores) gives the same ids.
+    Texts start with a non-space: there transformers' Metaspace and llama.cpp's prefix space agree."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    fields = trained_sentencepiece_fields()
+    config, payloads, _ = tiny_tensors(len(fields["tokenizer.ggml.tokens"]), {"default": T.F16})
+    file = write_gguf(tmp_path / "m.gguf", config, payloads, fields)
+    ours = tokenizer_from_gguf(read_fields(file), file)
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [t.lstrip() for t in TEXTS] + fixture_texts()[:40]:
+        assert ours.encode(text) == reference(text, add_special_tokens=False).input_ids, text
+    assert ours.encode("Hello", add_bos=True) == reference("Hello").input_ids  # BOS: llama's default
 
 
 def test_chat_template_bos_and_stop_tokens_from_metadata(tmp_path, chat_tokenizer):
