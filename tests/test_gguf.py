@@ -27,7 +27,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.decoder import Transformer
 from model.gguf_export import export_gguf
-from model.gguf_import import import_gguf
+from model.gguf_import import hearth_to_gguf_name, import_gguf
 from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, GGUFError, tokenizer_from_gguf
 from model.quant_kernels import QuantizedWeight
 from tests.conftest import fixture_texts, make_tiny_model
@@ -79,8 +79,6 @@ def tiny_tensors(vocab: int, kinds: dict[str, T], tied: bool = True, seed: int =
     rng = np.random.default_rng(seed)
     payloads, reference = {}, {}
     for name, shape in shapes.items():
-        from model.gguf_import import hearth_to_gguf_name
-
         kind = T.F32 if len(shape) == 1 else kinds.get(name, kinds["default"])
         weight = (1 + 0.2 * rng.standard_normal(shape)) if len(shape) == 1 else 0.05 * rng.standard_normal(shape)
         payload = encode_tensor(weight, kind, rng)
@@ -521,3 +519,12 @@ def test_quantized_checkpoint_exports_dequantized_then_requantized(tmp_path, tok
     with torch.no_grad():
         expected, got = quantized.model(tokens).float(), back.model(tokens)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999
+
+
+def test_export_refuses_what_gguf_cannot_name(tmp_path, capsys):
+    fields = spm_fields()
+    config, payloads, _ = tiny_tensors(len(fields["tokenizer.ggml.tokens"]), {"default": T.F16})
+    spm = import_gguf(write_gguf(tmp_path / "spm.gguf", config, payloads, fields), tmp_path / "spm")
+    status, err = run_cli(capsys, "export-gguf", str(spm), "--out", str(tmp_path / "x.gguf"))
+    assert status == 1 and "byte-level BPE tokenizers only" in err
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
