@@ -10,7 +10,7 @@ Design choices:
   the chat markers lives in config.json (`TokenizerInfo`), not in file names.
 - Whether a prompt starts with BOS is the model's rule (`TokenizerInfo.add_bos`):
   Hearth's own models do; imported ones follow their tokenizer (a Hugging Face
-  post_processor or add_bos_token, GGUF's add_bos_token).
+  post_processor, GGUF's add_bos_token).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class TokenizerInfo:
     bos_token: str | None = BOS
     eos_token: str | None = EOS
     pad_token: str | None = PAD
-    chat_template: str = "hearth"  # "hearth" (model/chat.py) or "jinja" (imported from Hugging Face)
+    chat_template: str = "hearth"  # "hearth" (model/chat.py) or "jinja" (imported from Hugging Face or GGUF)
     jinja_template: str | None = None
     stop_tokens: list[str] = field(default_factory=lambda: [END, EOS])
     add_bos: bool = True  # whether a prompt starts with BOS: the model's own tokenizer's rule (HF post_processor, GGUF add_bos_token)
