@@ -12,7 +12,9 @@ Design choices:
   bos / eos / pad / eot (the first stop token other than EOS, Hearth's
   `<|end|>`), `add_bos_token`, and the chat template (Hearth's own rendered
   as Jinja by model/hf.py, or the imported model's).
-- Q and K rows are permuted to llama.cpp's interleaved rotary layout.
+- Q and K rows are permuted to llama.cpp's interleaved rotary layout. Llama 3
+  RoPE scaling is written as llama.cpp reads it: rope_freqs.weight (the factor
+  each frequency is divided by) and the original context length.
 - Norms are always F32 (as llama.cpp writes them); 2-D weights take --type.
   A matrix whose rows do not split into 32-element blocks falls back to F16.
 - Quantized checkpoints are dequantized and re-quantized to --type: Hearth's
@@ -27,7 +29,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.gguf_import import hearth_to_gguf_name, permute_rotary
+from model.gguf_import import ROPE_FREQS, hearth_to_gguf_name, permute_rotary, rope_factors
 from model.gguf_tokenizer import GGUFError, gguf_tokenizer_fields
 
 if TYPE_CHECKING:
@@ -122,8 +124,6 @@ def export_gguf(checkpoint_dir: str | Path, out: str | Path, kind: str = "f32", 
         raise GGUFError(f"--type must be one of {', '.join(TYPE_CHOICES)}, got {kind!r}")
     metadata = read_metadata(folder)
     config = ModelConfig.from_dict(metadata.get("model", {}))
-    if config.rope_scaling is not None:
-        raise GGUFError(f"{folder / 'config.json'}: model.rope_scaling (llama3 RoPE scaling) cannot be exported yet")
     if out.exists() and not overwrite:
         raise GGUFError(f"--out {out}: already exists; pass --overwrite to replace it")
     if out.is_dir():
@@ -137,6 +137,9 @@ def export_gguf(checkpoint_dir: str | Path, out: str | Path, kind: str = "f32", 
         writer = gguf.GGUFWriter(str(tmp), "llama")
         add_model_keys(writer, config, str(metadata.get("imported_from", {}).get("name") or folder.name), kind)
         add_tokenizer_keys(writer, fields)
+        if config.rope_scaling is not None:  # llama.cpp reads Llama 3 scaling as per-frequency factors
+            writer.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position_embeddings)
+            writer.add_tensor(ROPE_FREQS, rope_factors(config).numpy().astype("float32"))
         for name, weight in state.items():
             heads = config.n_heads if name.endswith("attn.q.weight") else config.n_kv_heads if name.endswith("attn.k.weight") else None
             if heads:

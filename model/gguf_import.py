@@ -17,7 +17,9 @@ Design choices:
   (convert_hf_to_gguf's `permute`) back to rotate-half, which is the
   transformers layout Hearth's decoder uses. A row permutation commutes with
   block quantization (blocks run along a row), so quantized rows move as is.
-- No output.weight means a tied LM head, as in llama.cpp.
+- No output.weight means a tied LM head, as in llama.cpp. rope_freqs.weight
+  (Llama 3.1+) becomes the config's llama3 RoPE scaling, only if those
+  parameters reproduce its factors exactly (see llama3_scaling).
 - Everything is checked before anything is written (architecture, shapes,
   tensor types, tokenizer keys, vocabulary vs embedding rows); the folder is
   then written atomically (temp + rename), so a failure leaves none behind.
@@ -27,13 +29,14 @@ Design choices:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScaling
 from model.errors import HearthError
 from model.gguf_tokenizer import GGUFError, field_value, tokenizer_from_gguf
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 DTYPE_CHOICES = ("keep", "bfloat16", "float32")
 GGUF_MAGIC = b"GGUF"
 GROUP = 32  # elements per Q8_0 / Q4_0 / Q4_1 block
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ RoPE scaling factors; read into the config, not a weight
 KEPT_TYPES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
 DEQUANTIZED_TYPES = {"F32", "F16", "BF16", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K"}
 
@@ -140,8 +144,8 @@ def model_config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any], file
     if _int(fields, "llama.expert_count", file, 0):
         raise GGUFError(f"{file}: key llama.expert_count: mixture-of-experts models are not supported")
     scaling = field_value(fields, "llama.rope.scaling.type", file, required=False)
-    if scaling not in (None, "none") or "rope_freqs.weight" in tensors:
-        raise GGUFError(f"{file}: key llama.rope.scaling.type: RoPE scaling ({scaling or 'rope_freqs'}) is not supported")
+    if scaling not in (None, "none"):
+        raise GGUFError(f"{file}: key llama.rope.scaling.type: RoPE scaling {scaling} is not supported")
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise GGUFError(f"{file}: tensor token_embd.weight is missing")
@@ -161,7 +165,35 @@ def model_config_from_gguf(fields: dict[str, Any], tensors: dict[str, Any], file
         if _int(fields, key, file, config.head_dim) != config.head_dim:
             raise GGUFError(f"{file}: key {key} = {fields[key].contents()} is not head_dim "
                             f"{config.head_dim} (embedding_length / head_count); not supported")
+    if ROPE_FREQS in tensors:
+        config = dataclasses.replace(config, rope_scaling=llama3_scaling(tensors[ROPE_FREQS], fields, config, file))
     return config
+
+
+def rope_factors(config: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs: what each rotary frequency is divided by (Llama 3 scaling; 1 without)."""
+    from model.decoder import rope_inverse_frequencies
+
+    return rope_inverse_frequencies(dataclasses.replace(config, rope_scaling=None)) / rope_inverse_frequencies(config)
+
+
+def llama3_scaling(tensor, fields: dict[str, Any], config: ModelConfig, file: Path) -> RopeScaling:
+    """Llama 3's RoPE scaling from rope_freqs.weight (convert_hf_to_gguf writes the factors, not the
+    parameters): factor = the largest factor; low/high frequency factors 1 and 4 and the original
+    context (llama.rope.scaling.original_context_length, else 8192) as every Llama 3.1/3.2 has them;
+    accepted only if they reproduce every factor in the file."""
+    import torch
+
+    found = dequantized(tensor, None).float().flatten()
+    original = _int(fields, "llama.rope.scaling.original_context_length", file, 8192)
+    scaling = RopeScaling(factor=float(found.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=original)
+    expected = rope_factors(dataclasses.replace(config, rope_scaling=scaling))
+    if found.shape != expected.shape or not torch.allclose(found, expected, rtol=1e-4, atol=0):
+        raise GGUFError(f"{file}: tensor {ROPE_FREQS} holds RoPE factors that are not Llama 3's (factor "
+                        f"{scaling.factor:g}, low/high frequency factors 1 and 4, original context {original}); "
+                        "not supported")
+    return scaling
 
 
 def check_vocabulary(fields: dict[str, Any], config: ModelConfig, tokenizer: Tokenizer, file: Path) -> None:
@@ -270,6 +302,8 @@ def _match_tensors(reader, expected: dict[str, tuple[int, ...]], file: Path) -> 
     """Hearth name -> GGUF tensor, each checked for type and shape; every expected tensor present."""
     sources = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # already in the config (model_config_from_gguf)
         name = gguf_to_hearth_name(tensor.name)
         if name is None or name not in expected:
             raise GGUFError(f"{file}: tensor {tensor.name} is not part of a llama model Hearth can run")

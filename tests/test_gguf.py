@@ -260,6 +260,42 @@ def test_untied_output_and_rotary_unpermutation(tmp_path, chat_tokenizer):
     assert not checkpoint.config.tie_embeddings
 
 
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, chat_tokenizer, capsys):
+    """rope_freqs.weight, as convert_hf_to_gguf writes it for Llama 3.1, becomes the llama3 RoPE scaling."""
+    import math
+
+    from model.config import RopeScaling
+
+    vocab = chat_tokenizer.get_vocab_size(with_added_tokens=True)
+    config, payloads, reference = tiny_tensors(vocab, {"default": T.F32})
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+    factors = []  # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, in plain Python
+    for i in range(0, config.head_dim, 2):
+        wavelen = 2 * math.pi * config.rope_theta ** (i / config.head_dim)
+        if wavelen < 32 / 4:
+            factors.append(1.0)
+        elif wavelen > 32 / 1:
+            factors.append(8.0)
+        else:
+            smooth = (32 / wavelen - 1) / (4 - 1)
+            factors.append(1 / ((1 - smooth) / 8 + smooth))
+    assert 1.0 in factors and 8.0 in factors and len(set(factors)) > 3  # all three regions exercised
+    fields = dict(bpe_tokenizer_fields(chat_tokenizer, "gpt-2"), **{"llama.rope.scaling.original_context_length": 32})
+    rope = {"rope_freqs.weight": (np.array(factors, dtype=np.float32), T.F32)}
+    file = write_gguf(tmp_path / "m.gguf", config, {**payloads, **rope}, fields)
+    checkpoint = load_checkpoint(import_gguf(file, tmp_path / "out", dtype="float32"))
+    assert checkpoint.config.rope_scaling == scaling
+    scaled = ModelConfig(**{**CONFIG, "vocab_size": vocab, "tie_embeddings": True, "rope_scaling": scaling})
+    tokens = random_tokens(vocab)
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.model(tokens), reference_logits(scaled, reference, tokens),
+                                   rtol=1e-4, atol=1e-4)
+    odd = {"rope_freqs.weight": (np.array(factors, dtype=np.float32) * 1.01, T.F32)}
+    (tmp_path / "bad").mkdir()
+    expect_refusal(capsys, tmp_path / "bad", write_gguf(tmp_path / "odd.gguf", config, {**payloads, **odd}, fields),
+                   "rope_freqs.weight", "not Llama 3's")
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
@@ -407,7 +443,10 @@ def test_chat_template_bos_and_stop_tokens_from_metadata(tmp_path, chat_tokenize
 
 @pytest.mark.parametrize("kind,tolerance", [("f32", 1e-5), ("f16", 2e-2), ("bf16", 0.1), ("q8_0", 0.1), ("q4_0", None)])
 def test_export_then_import_gives_the_checkpoint_logits(tmp_path, tokenizer, kind, tolerance):
-    model = make_tiny_model(tokenizer, seed=3, dim=64, ffn_dim=96)
+    from model.config import RopeScaling
+
+    scaling = RopeScaling(factor=4.0, original_max_position_embeddings=64) if kind == "f32" else None
+    model = make_tiny_model(tokenizer, seed=3, dim=64, ffn_dim=96, rope_scaling=scaling)
     folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     file = export_gguf(folder, tmp_path / "m.gguf", kind)
     fields = read_fields(file)
