@@ -9,8 +9,10 @@ Design choices:
 - `keep` (default) maps blocks onto Hearth's quantized formats without
   re-rounding the codes: Q8_0 -> int8 in groups of 32 (W = q * d), Q4_0 ->
   int4 in groups of 32 with zero 0 (W = (q - 8) * d), Q4_1 -> int4 in groups
-  of 32 with zero = m + 8 d (W = q * d + m). Hearth stores scales and zeros in
-  bf16, so the fp16 d (and m + 8 d) are rounded to bf16: the one loss. Every
+  of 32 with zero = m + 8 d (W = q * d + m), Q4_K -> int4 in groups of 32
+  with scale d * sc and zero 8 d * sc - dmin * m (its 6-bit sub-block scale
+  and min). Hearth stores scales and zeros in bf16, so the fp16 d (and the
+  zeros) are rounded to bf16: the one loss. Every
   other tensor is dequantized and stored in bf16 (a quantized checkpoint's
   body dtype), norms included. `float32` / `bfloat16` dequantize everything.
 - Q and K rows are un-permuted from llama.cpp's interleaved rotary layout
@@ -49,8 +51,8 @@ DTYPE_CHOICES = ("keep", "bfloat16", "float32")
 GGUF_MAGIC = b"GGUF"
 GROUP = 32  # elements per Q8_0 / Q4_0 / Q4_1 block
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ RoPE scaling factors; read into the config, not a weight
-KEPT_TYPES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
-DEQUANTIZED_TYPES = {"F32", "F16", "BF16", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K"}
+KEPT_TYPES = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+DEQUANTIZED_TYPES = {"F32", "F16", "BF16", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q2_K", "Q3_K"}
 
 _LAYER_NAMES = {
     "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
@@ -249,7 +251,7 @@ def dequantized(tensor, heads: int | None) -> torch.Tensor:
 
 
 def kept_blocks(tensor, heads: int | None) -> dict[str, torch.Tensor]:
-    """Q8_0 / Q4_0 / Q4_1 rows -> Hearth int8 / int4 stored tensors (group 32, bf16 scales and zeros)."""
+    """Q8_0 / Q4_0 / Q4_1 / Q4_K rows -> Hearth int8 / int4 stored tensors (group 32, bf16 scales and zeros)."""
     import torch
 
     from model.quant_kernels import pack_nibbles
@@ -257,20 +259,61 @@ def kept_blocks(tensor, heads: int | None) -> dict[str, torch.Tensor]:
     raw = _raw_rows(tensor)
     if heads:
         raw = unpermute_rotary(raw, heads)
-    rows = raw.shape[0]
     kind = tensor.tensor_type.name
-    blocks = raw.view(rows, -1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind])  # [rows, blocks, bytes per block]
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # [rows, blocks]
-    if kind == "Q8_0":
-        codes = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1)
-        return {"weight_int8": codes, "scales": d.to(torch.bfloat16)}
-    start = 2 if kind == "Q4_0" else 4
-    quads = blocks[..., start:]  # [rows, blocks, 16]: element j in the low nibble, j + 16 in the high one
-    codes = torch.cat((quads & 15, quads >> 4), dim=-1).reshape(rows, -1)
-    zeros = torch.zeros_like(d)
-    if kind == "Q4_1":  # W = q d + m = (q - 8) d + (m + 8 d)
-        zeros = blocks[..., 2:4].contiguous().view(torch.float16).float()[..., 0] + 8 * d
-    return {"weight_int4": pack_nibbles(codes), "scales": d.to(torch.bfloat16), "zeros": zeros.to(torch.bfloat16)}
+    blocks = raw.view(raw.shape[0], -1, BLOCK_BYTES[kind])  # [rows, blocks, bytes per block]
+    if kind == "Q8_0":  # W = q d
+        return {"weight_int8": blocks[..., 2:].contiguous().view(torch.int8).reshape(raw.shape[0], -1),
+                "scales": _fp16(blocks, 0).to(torch.bfloat16)}
+    codes, scales, zeros = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}[kind](blocks)
+    return {"weight_int4": pack_nibbles(codes.reshape(raw.shape[0], -1)),
+            "scales": scales.reshape(raw.shape[0], -1).to(torch.bfloat16),
+            "zeros": zeros.reshape(raw.shape[0], -1).to(torch.bfloat16)}
+
+
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
+
+
+def _fp16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at `offset` of every block, as float32 [rows, blocks]."""
+    import torch
+
+    return blocks[..., offset:offset + 2].contiguous().view(torch.float16).float()[..., 0]
+
+
+def _nibbles(quads: torch.Tensor) -> torch.Tensor:
+    """[..., 32 bytes] -> [..., 2, 32] codes: the low nibbles are one group of 32, the high ones the next."""
+    import torch
+
+    return torch.stack((quads & 15, quads >> 4), dim=-2)
+
+
+def _q4_0(blocks: torch.Tensor):
+    """W = (q - 8) d: codes [rows, blocks, 32], scale d, zero 0."""
+    import torch
+
+    d = _fp16(blocks, 0)
+    codes = _nibbles(blocks[..., 2:]).flatten(-2)  # element j in the low nibble of byte j, j + 16 in the high one
+    return codes, d, torch.zeros_like(d)
+
+
+def _q4_1(blocks: torch.Tensor):
+    """W = q d + m = (q - 8) d + (m + 8 d)."""
+    d, m = _fp16(blocks, 0), _fp16(blocks, 2)
+    return _nibbles(blocks[..., 4:]).flatten(-2), d, m + 8 * d
+
+
+def _q4_k(blocks: torch.Tensor):
+    """256-element super-blocks of 8 groups of 32: W = q (d sc) - dmin mn = (q - 8) s + (8 s - dmin mn), s = d sc."""
+    import gguf
+    import torch
+
+    rows, count = blocks.shape[:2]
+    sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12).numpy())  # 6-bit, [rows*blocks, 8]
+    scales = _fp16(blocks, 0)[..., None] * torch.from_numpy(sc.astype("float32")).view(rows, count, 8)
+    minima = _fp16(blocks, 2)[..., None] * torch.from_numpy(mn.astype("float32")).view(rows, count, 8)
+    # 128 bytes = 4 chunks of 32: chunk k holds group 2k in its low nibbles, group 2k + 1 in its high ones
+    codes = _nibbles(blocks[..., 16:].reshape(rows, count, 4, 32)).reshape(rows, count, 256)
+    return codes, scales, 8 * scales - minima
 
 
 def convert_tensors(reader, config: ModelConfig, dtype: str, file: Path):

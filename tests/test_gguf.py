@@ -192,7 +192,8 @@ def test_every_tensor_type_gives_the_numpy_dequantized_logits(tmp_path, chat_tok
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,method", [(T.Q8_0, "int8"), (T.Q4_0, "int4"), (T.Q4_1, "int4")], ids=["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind,method", [(T.Q8_0, "int8"), (T.Q4_0, "int4"), (T.Q4_1, "int4"), (T.Q4_K, "int4")],
+                         ids=["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
 def test_keep_maps_blocks_onto_hearth_int8_and_int4(tmp_path, chat_tokenizer, kind, method):
     file, config, reference = tiny_gguf(tmp_path / "m.gguf", chat_tokenizer, {"default": kind, "layers.0.mlp.up.weight": T.Q6_K})
     out = import_gguf(file, tmp_path / "out")  # keep is the default
