@@ -80,3 +80,26 @@ def test_smollm2_says_paris(smollm2):
     settings = GenerationSettings(max_tokens=10, temperature=0, stop_ids=tuple(tokenizer.stop_ids))
     answer = tokenizer.decode(generate(smollm2.model, ids, settings))
     assert "Paris" in answer, answer
+
+
+def test_tokenizer_is_smollm2s(smollm2):
+    """SmolLM2's tokenizer.json built with the tokenizers API (BPE from the file's vocabulary and merges,
+    single digits then ByteLevel, the 17 special tokens) tokenizes exactly as the imported one."""
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    fields = gguf.GGUFReader(GGUF_FILE).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    reference = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    reference.decoder = decoders.ByteLevel()
+    reference.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens[:17]])
+    texts = ["Hello there, friend!", "  two spaces\n\nand lines\t tabs   ", "日本語 and emoji 🙂 café",
+             "call 1234567 or 42", "def f(x):\n    return x**2  # square\n", "don't we'LL see?",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    for text in texts:
+        expected = reference.encode(text, add_special_tokens=False).ids
+        assert smollm2.tokenizer.encode(text, allow_special=True) == expected, text
+        assert smollm2.tokenizer.decode(expected, skip_special=False) == text
