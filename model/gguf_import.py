@@ -198,7 +198,7 @@ def llama3_scaling(tensor, fields: dict[str, Any], config: ModelConfig, file: Pa
     return scaling
 
 
-def check_vocabulary(fields: dict[str, Any], config: ModelConfig, tokenizer: Tokenizer, file: Path) -> None:
+def check_vocabulary(fields: dict[str, Any], config: ModelConfig, file: Path) -> None:
     tokens = len(field_value(fields, "tokenizer.ggml.tokens", file))
     if tokens != config.vocab_size:
         raise GGUFError(f"{file}: key tokenizer.ggml.tokens has {tokens} tokens but token_embd.weight has "
@@ -379,7 +379,7 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "keep", ove
     fields = reader.fields
     config = model_config_from_gguf(fields, {t.name: t for t in reader.tensors}, file)
     tokenizer = recognise_hearth_template(tokenizer_from_gguf(fields, file))  # export-gguf's own template back
-    check_vocabulary(fields, config, tokenizer, file)
+    check_vocabulary(fields, config, file)
     try:
         check_output_folder(out, file, overwrite)
     except HearthError as exc:

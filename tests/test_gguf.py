@@ -28,7 +28,7 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.gguf_export import export_gguf
 from model.gguf_import import hearth_to_gguf_name, import_gguf
-from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, GGUFError, tokenizer_from_gguf
+from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_from_gguf
 from model.quant_kernels import QuantizedWeight
 from tests.conftest import fixture_texts, make_tiny_model
 
