@@ -15,6 +15,8 @@ import sys
 COMMAND_MODULES = [
     "model.cli",  # generate
     "model.hf",  # import-hf, export-hf
+    "model.gguf_import",  # import-gguf
+    "model.gguf_export",  # export-gguf
     "model.quant",  # quantize
     "trainer.commands",  # pretrain
     "trainer.sft_commands",  # sft, eval, merge-lora

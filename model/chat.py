@@ -64,7 +64,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Any], add_generation_pr
     turns = [message_text(m, i) for i, m in enumerate(messages)]
     if tokenizer.info.chat_template == "jinja":
         return _encode_jinja(tokenizer, turns, add_generation_prompt)
-    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids: list[int] = [tokenizer.bos_id] if tokenizer.adds_bos else []
     mask: list[int] = [0] * len(ids)
     newline = tokenizer.encode("\n")
     end = tokenizer.token_id(END)

@@ -19,6 +19,8 @@ Design choices:
 - Both config.json dialects are read: transformers < 5 (`rope_theta`,
   `rope_scaling`, `torch_dtype`) and >= 5 (`rope_parameters`, `dtype`). Export
   writes both, so old and new transformers load the folder without warnings.
+- BOS follows the model's tokenizer (`hf_adds_bos`): a prompt starts with BOS
+  only where transformers' tokenizer(text) would put one.
 - The tokenizer file is used as is. Imported models keep their Jinja chat
   template; export writes a Jinja template that renders Hearth's own template
   (model/chat.py) so `apply_chat_template` yields the same ids.
@@ -322,6 +324,17 @@ def tokenizer_info_from_hf(folder: Path, hf_config: dict[str, Any], id_to_token)
     )
 
 
+def hf_adds_bos(backend, bos_token: str | None) -> bool:
+    """Whether transformers' tokenizer(text) starts with BOS: what the tokenizer.json post-processor
+    does (none: no BOS). transformers 5 rebuilds the post-processor from tokenizer_config.json's
+    add_bos_token only for a tokenizer that has none, and then without BOS, so the file decides."""
+    bos_id = backend.token_to_id(bos_token) if bos_token is not None else None
+    if bos_id is None or backend.post_processor is None:
+        return False
+    with_specials = backend.encode("a", add_special_tokens=True).ids
+    return with_specials[:1] == [bos_id] and backend.encode("a", add_special_tokens=False).ids[:1] != [bos_id]
+
+
 # ----------------------------------------------------------------------------- import-hf
 
 
@@ -356,6 +369,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, ove
     weight_files = hf_weight_files(folder)
     backend = Tokenizer.load(folder / HF_TOKENIZER).backend
     info = tokenizer_info_from_hf(folder, hf_config, backend.id_to_token)
+    info.add_bos = hf_adds_bos(backend, info.bos_token)
     tokenizer = recognise_hearth_template(Tokenizer(backend, info))
     check_output_folder(out, folder, overwrite)
     dtype = dtype or _default_import_dtype(source_dtype(hf_config))
@@ -377,7 +391,7 @@ def recognise_hearth_template(tokenizer: Tokenizer) -> Tokenizer:
     if not _uses_hearth_markers(tokenizer) or info.jinja_template != hearth_chat_template_jinja(tokenizer):
         return tokenizer
     info = TokenizerInfo(bos_token=info.bos_token, eos_token=info.eos_token, pad_token=info.pad_token,
-                         chat_template="hearth", stop_tokens=info.stop_tokens)
+                         chat_template="hearth", stop_tokens=info.stop_tokens, add_bos=info.add_bos)
     return Tokenizer(tokenizer.backend, info)
 
 
@@ -426,7 +440,7 @@ def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer, dtype: str) 
 def hearth_chat_template_jinja(tokenizer: Tokenizer) -> str:
     """Jinja rendering of model/chat.py's template; tokenised, it gives encode_chat's ids."""
     markers = {role: token for role, token in (("system", SYSTEM), ("user", USER), ("assistant", ASSISTANT))}
-    bos = "{{ bos_token }}" if tokenizer.bos_id is not None else ""
+    bos = "{{ bos_token }}" if tokenizer.adds_bos else ""
     role_check = (
         "{% if message['role'] not in " + repr(list(markers)) + " %}"
         "{{ raise_exception('unknown role ' + message['role'] + ', expected system, user or assistant') }}"
@@ -455,7 +469,7 @@ def export_tokenizer_files(tokenizer: Tokenizer, max_seq_len: int) -> dict[str, 
 
     info = tokenizer.info
     backend = HFTokenizer.from_str(tokenizer.backend.to_str())
-    if backend.post_processor is None and tokenizer.bos_id is not None:
+    if backend.post_processor is None and tokenizer.adds_bos:
         # Hearth prompts start with BOS (encode(add_bos=True)); make tokenizer(text) do the same.
         bos = info.bos_token
         backend.post_processor = processors.TemplateProcessing(

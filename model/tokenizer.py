@@ -8,6 +8,9 @@ Design choices:
   template), never for user content.
 - The file on disk is a plain `tokenizer.json`; which ids are BOS/EOS/PAD and
   the chat markers lives in config.json (`TokenizerInfo`), not in file names.
+- Whether a prompt starts with BOS is the model's rule (`TokenizerInfo.add_bos`):
+  Hearth's own models do; imported ones follow their tokenizer (a Hugging Face
+  post_processor, GGUF's add_bos_token).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ class TokenizerInfo:
     bos_token: str | None = BOS
     eos_token: str | None = EOS
     pad_token: str | None = PAD
-    chat_template: str = "hearth"  # "hearth" (model/chat.py) or "jinja" (imported from Hugging Face)
+    chat_template: str = "hearth"  # "hearth" (model/chat.py) or "jinja" (imported from Hugging Face or GGUF)
     jinja_template: str | None = None
     stop_tokens: list[str] = field(default_factory=lambda: [END, EOS])
+    add_bos: bool = True  # whether a prompt starts with BOS: the model's own tokenizer's rule (HF post_processor, GGUF add_bos_token)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TokenizerInfo":
@@ -70,12 +74,18 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer has no token {token!r}")
         return token_id
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether prompts start with BOS: the model has one and its tokenizer adds it."""
+        return self.bos_id is not None and self.info.add_bos
+
     def encode(self, text: str, add_bos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids; add_bos=True prepends BOS where the model's tokenizer would (`adds_bos`)."""
         if allow_special:
             ids = self.backend.encode(text, add_special_tokens=False).ids
         else:
             ids = self._encode_plain(text)
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+        return ([self.bos_id] if add_bos and self.adds_bos else []) + ids
 
     def _encode_plain(self, text: str) -> list[int]:
         # Encode without matching special tokens: tokenizers matches added tokens

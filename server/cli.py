@@ -1,6 +1,7 @@
 """`hearth serve`: the HTTP server (uvicorn) for one or more checkpoints.
 
     hearth serve --model weights/default [--model weights/other] [--host 127.0.0.1] [--port 8080]
+    hearth serve --model smollm2=SmolLM2-135M-Instruct.Q4_1.gguf   (a GGUF file: imported once into the cache)
 
 Flags and HEARTH_* variables come from `server.settings.ServerSettings`.
 Before the port opens, every checkpoint's config.json is read and the port is
@@ -50,6 +51,23 @@ def exit_zero_after_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
+def gguf_entry(entry: str) -> str:
+    """A --model entry naming a GGUF file -> NAME=its checkpoint folder, imported into the cache on first use
+    (model/gguf_import.cached_import); the id is NAME= if given, else the file name without its suffix.
+    Any other entry is returned as is."""
+    from pathlib import Path
+
+    from model.gguf_import import cached_import, is_gguf_file
+
+    name, sep, path = entry.partition("=")
+    if not sep:
+        name, path = "", entry
+    if not is_gguf_file(path):
+        return entry
+    print(f"importing {path} (GGUF) into the cache ...", flush=True)
+    return f"{name or Path(path).stem}={cached_import(path)}"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -61,6 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.settings import settings_from_args
 
     settings = settings_from_args(args)
+    settings.models = [gguf_entry(entry) for entry in settings.models]
     for _, path in settings.model_entries():
         read_metadata(path)  # CheckpointError names the folder or file
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -295,3 +295,39 @@ def test_cli_reports_one_line_errors_and_succeeds(tmp_path, tokenizer, tiny_mode
     assert "LlamaForCausalLM" in capsys.readouterr().out
     assert hearth_main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     assert "chat template: hearth" in capsys.readouterr().out  # Hearth's own template recognised on the way back
+
+
+# ----------------------------------------------------------------------------- BOS fidelity
+
+
+@pytest.mark.parametrize("setup", ["no-post-processor", "add_bos_token-ignored", "bos-post-processor"])
+def test_prompts_get_bos_exactly_where_transformers_adds_it(tmp_path, tokenizer, setup):
+    """A byte-level BPE with no post-processor adds no BOS in transformers, so Hearth adds none either:
+    greedy tokens are transformers' own. A post-processor that adds BOS makes both add it."""
+    from model.generate import GenerationSettings, generate
+
+    folder = tmp_path / "hf"
+    bos = tokenizer.backend.token_to_id("<|bos|>")
+    hf_model = LlamaForCausalLM(hf_config(bos_token_id=bos)).eval()
+    randomize(hf_model, seed=5)
+    hf_model.save_pretrained(folder)
+    backend = HFTokenizer.from_str(tokenizer.backend.to_str())  # ByteLevel BPE, post_processor null
+    if setup == "bos-post-processor":
+        backend.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+    if setup == "add_bos_token-ignored":  # transformers 5 does not add BOS for it on a post-processor-less file
+        config["add_bos_token"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    prompt = "Good morrow, sweet friend"
+    hf_ids = AutoTokenizer.from_pretrained(folder)(prompt).input_ids
+    assert (hf_ids[0] == bos) is (setup == "bos-post-processor")
+    expected, ids = [], torch.tensor([hf_ids])
+    with torch.no_grad():
+        for _ in range(8):  # transformers' greedy decoding, one full forward per token
+            expected.append(int(hf_model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
+    checkpoint = load_checkpoint(import_hf(folder, tmp_path / "hearth", dtype="float32"))
+    prompt_ids = checkpoint.tokenizer.encode(prompt, add_bos=True)
+    assert prompt_ids == hf_ids
+    assert list(generate(checkpoint.model, prompt_ids, GenerationSettings(max_tokens=8, temperature=0))) == expected

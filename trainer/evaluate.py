@@ -98,7 +98,7 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, device: str = "cpu"
 def text_tokens(documents: Iterable[Document], tokenizer, limit: int | None,
                 max_tokens: int | None) -> tuple[np.ndarray, int]:
     """(token stream, documents used): text framed as pretraining frames it, <|bos|> text <|eos|>."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     runs, count = [], 0
     for index, document in enumerate(documents):

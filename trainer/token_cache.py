@@ -156,7 +156,7 @@ class _TokenWriter:
         self.pending: list[str | list[int]] = []  # text to encode, or ids ready to write
         self.pending_chars = 0
         self.num_tokens = 0
-        self.bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        self.bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
         self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
 
     def add_document(self, document: Document) -> None:
