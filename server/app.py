@@ -33,6 +33,7 @@ from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
 from server.ops import install_ops
 from server.registry import ModelRegistry
 from server.settings import ServerSettings, load_settings
+from server.shutdown import ShutdownMiddleware
 
 logger = logging.getLogger("hearth.server")
 
@@ -74,6 +75,7 @@ def create_app(
     install_error_handlers(app)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ShutdownMiddleware)  # answers cut by --shutdown-timeout end in-protocol (server/shutdown.py)
     install_ops(app, settings)  # web page, /metrics, access log, API key, CORS (server/ops.py)
     return app
 
