@@ -23,7 +23,8 @@ def _register_chat(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=40, help="0 = off")
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="most tokens per reply (default: not sent; the server allows the rest of the context)")
     parser.set_defaults(handler=_run_chat)
 
 
@@ -34,6 +35,8 @@ def _register_bench(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per level (at least one per client)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (default 0: greedy, so runs compare)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=_run_bench)

@@ -20,6 +20,13 @@ Design choices:
   inter-token latency is every gap between consecutive text chunks (a chunk
   that carries k tokens counts as k gaps of 1/k of it).
 - One warm-up request runs first and is not counted.
+- Sampling is greedy by default (`--temperature 0`), so two runs generate
+  the same tokens and compare; `--temperature` sets another.
+- One new TCP connection per request (no keep-alive reuse): a pooled
+  connection can be closed by the server's keep-alive timeout just as a
+  request is sent on it, which would count as a spurious error. Connecting
+  on loopback costs well under a millisecond, inside the TTFT measured.
+  The report says so.
 - The client shares the machine with the server when both run locally; at
   high concurrency its own SSE parsing takes CPU from the server. That is
   reported honestly, not corrected for.
@@ -129,15 +136,18 @@ def _spread_gaps(result: RequestResult) -> None:
         result.gaps = [total / extra] * extra
 
 
+CONNECTION_POLICY = "one new connection per request (no keep-alive reuse)"
+
+
 async def run_level(url: str, model: str, concurrency: int, num_requests: int, prompt_tokens: int,
-                    max_tokens: int, headers: dict, seed: int) -> LevelReport:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+                    max_tokens: int, headers: dict, seed: int, temperature: float = 0.0) -> LevelReport:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)  # see CONNECTION_POLICY
     timeout = httpx.Timeout(600.0, connect=10.0)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as client:
         def body(index: int) -> dict:
             return {
                 "model": model, "prompt": make_prompt(index, prompt_tokens, seed), "max_tokens": max_tokens,
-                "temperature": 0.8, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "temperature": temperature, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }
 
         warmup = await run_request(client, body(-1))
@@ -222,14 +232,16 @@ def run_bench(args) -> int:
     reports = []
     for level in parse_levels(args.concurrency):
         requests = max(args.requests, level)  # at least one request per client
-        report = asyncio.run(run_level(url, model, level, requests, args.prompt_tokens, args.max_tokens, headers, args.seed))
+        report = asyncio.run(run_level(url, model, level, requests, args.prompt_tokens, args.max_tokens, headers, args.seed,
+                                       args.temperature))
         reports.append(report)
         if not args.json:
             print(f"clients={level}: {report.output_tokens_per_s} output tok/s, {report.errors} errors", flush=True)
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
     else:
-        print(f"\nmodel {model}, prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens per request\n")
+        print(f"\nmodel {model}, prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens per request, "
+              f"temperature {args.temperature}, {CONNECTION_POLICY}\n")
         print(markdown_table(reports))
         for r in reports:
             if r.first_error:

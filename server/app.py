@@ -30,9 +30,11 @@ from model.chat import encode_chat
 from server.engine.types import InvalidRequestError
 from server.generation import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
+from server.openapi import install_openapi
 from server.ops import install_ops
 from server.registry import ModelRegistry
 from server.settings import ServerSettings, load_settings
+from server.shutdown import ShutdownMiddleware
 
 logger = logging.getLogger("hearth.server")
 
@@ -72,8 +74,10 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     install_error_handlers(app)
+    install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ShutdownMiddleware)  # answers cut by --shutdown-timeout end in-protocol (server/shutdown.py)
     install_ops(app, settings)  # web page, /metrics, access log, API key, CORS (server/ops.py)
     return app
 
@@ -94,7 +98,7 @@ async def health(request: Request) -> JSONResponse:
 class TokenizeRequest(BaseModel):
     """POST /tokenize: a prompt, or chat messages rendered with the model's template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -103,7 +107,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     tokens: list[int]
 

@@ -11,7 +11,8 @@ Design choices:
   streams); a non-streaming one is watched by `collect_unless_disconnected`.
 - Request bodies are parsed here rather than by FastAPI, so a body sent
   without `Content-Type: application/json` (curl -d, as in Ollama's docs)
-  works, and malformed JSON is a 400 naming the position.
+  works, and malformed JSON is a 400 naming the position. Text that is not
+  Unicode (a lone surrogate) is a 400 naming the field (server/text_rules.py).
 - Unknown request fields are ignored and logged once per route and name.
 """
 
@@ -45,6 +46,7 @@ from server.engine.types import (
     Usage,
 )
 from server.http_errors import APIError, ClientDisconnectedError
+from server.text_rules import surrogate_message, unencodable_text_path
 
 logger = logging.getLogger("hearth.server")
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -65,6 +67,9 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    bad_text = unencodable_text_path(data)
+    if bad_text:
+        raise APIError(400, surrogate_message(bad_text), param=bad_text, code="invalid_text")
     parsed = model.model_validate(data)  # ValidationError -> 400 via the error handlers
     log_unknown_fields(request.url.path, parsed)
     return parsed

@@ -156,7 +156,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed"}
-        error = APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code="not_found")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        # 405 keeps Starlette's Allow header (the methods the path does answer).
+        error = APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=code, headers=exc.headers)
         return error_response(request, error)
 
     for exc_type in (APIError, HearthError, ValidationError, BodyTooLargeError, ClientDisconnectedError, Exception):

@@ -128,7 +128,7 @@ class _EngineStatsCollector:
 
     def collect(self):
         families = {
-            "waiting": GaugeMetricFamily("hearth_num_requests_waiting", "requests queued for admission", labels=["model"]),
+            "waiting": GaugeMetricFamily("hearth_num_requests_waiting", "requests waiting for a free slot (what --max-waiting bounds)", labels=["model"]),
             "running": GaugeMetricFamily("hearth_num_requests_running", "requests being decoded", labels=["model"]),
             "used": GaugeMetricFamily("hearth_kv_cache_blocks_used", "KV cache blocks in use", labels=["model"]),
             "free": GaugeMetricFamily("hearth_kv_cache_blocks_free", "KV cache blocks free", labels=["model"]),

@@ -42,7 +42,9 @@ def now_rfc3339() -> str:
 
 
 class OllamaRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields: logged by the route, then ignored
+    # Unknown fields: logged by the route, then ignored. Strict types, as Ollama's JSON decoding is
+    # ("5" is not an integer, 1 not a boolean), so the published schema is exact.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---------------------------------------------------------------- requests

@@ -30,7 +30,9 @@ LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]  # token id (as 
 
 
 class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields: logged by the route, then ignored
+    # Unknown fields: logged by the route, then ignored. Strict types, as OpenAI's API checks them: "5" is
+    # not an integer, 1 not a boolean (an integer is still a number), so the published schema is exact.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---------------------------------------------------------------- requests

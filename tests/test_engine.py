@@ -263,8 +263,11 @@ def test_queue_overflow_is_a_distinct_error(tiny_model_dir, tokenizer):
         # Not started yet: nothing is admitted, so the bound is exact: 2 free slots + 1 waiting.
         first = [asyncio.ensure_future(collect(engine, f"q{i}", [1, 2, 3 + i], params)) for i in range(3)]
         await asyncio.sleep(0.05)
-        with pytest.raises(QueueFullError):
+        assert engine.stats().num_waiting == 1  # two go to the free slots at the next step
+        with pytest.raises(QueueFullError) as refused:
             await collect(engine, "overflow", [1, 2, 3], params)
+        # The message counts what the limit counts, as hearth_num_requests_waiting does (was "3 requests waiting").
+        assert "(1 waiting for a free slot, limit 1: --max-waiting)" in str(refused.value)
         engine.start()
         return await asyncio.gather(*first)
 

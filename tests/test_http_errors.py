@@ -195,6 +195,40 @@ def test_full_queue_is_429_with_retry_after(server, base, monkeypatch):
             assert "retry" in response.json()["error"]
 
 
+def test_429_names_the_limit_and_the_waiting_count_as_the_metric_does(tiny_model_dir, base):
+    """--max-waiting 2, one slot, four requests at an idle engine: one runs, two wait, the fourth is refused
+    saying 2 wait (a request admitted into a free slot is not waiting), as hearth_num_requests_waiting says."""
+    busy = {**base, "max_tokens": 80, "ignore_eos": True, "stream": True}
+
+    async def burst(url):
+        transport = httpx.AsyncHTTPTransport(socket_options=NODELAY)
+        async with httpx.AsyncClient(base_url=url, timeout=60, transport=transport) as client:
+            async def one():
+                async with client.stream("POST", "/v1/chat/completions", json=busy) as response:
+                    text = (await response.aread()).decode()
+                    return response.status_code, text
+
+            async def watch(requests):  # the gauge, sampled while the requests run
+                samples = []
+                while not requests.done():
+                    metrics = (await client.get("/metrics")).text
+                    samples += [float(line.split()[-1]) for line in metrics.splitlines()
+                                if line.startswith("hearth_num_requests_waiting")]
+                    await asyncio.sleep(0.02)
+                return samples
+
+            requests = asyncio.gather(*(one() for _ in range(4)))
+            samples = await watch(requests)
+            return await requests, samples
+
+    with running_server(tiny_model_dir, max_num_seqs=1, max_waiting=2) as one_slot:
+        results, samples = asyncio.run(burst(one_slot.url))
+    refused = [json.loads(text)["error"]["message"] for status, text in results if status == 429]
+    assert sorted(status for status, _ in results) == [200, 200, 200, 429], results
+    assert "(2 waiting for a free slot, limit 2: --max-waiting)" in refused[0], refused[0]
+    assert samples and max(samples) == 2, samples
+
+
 def test_unknown_fields_are_ignored_and_logged(http, base, caplog):
     with caplog.at_level(logging.WARNING, logger="hearth.server"):
         response = http.post("/v1/chat/completions", json={**base, "frobnicate": 1, "stream_options": None})

@@ -253,9 +253,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            queued = len(self._inbox)
+            waiting = self._num_waiting_locked()
         return EngineStats(
-            num_waiting=queued + len(self.scheduler.waiting),
+            num_waiting=waiting,
             num_running=len(self.scheduler.running),
             kv_blocks_total=self.kv_manager.num_usable_blocks,
             kv_blocks_used=self.kv_manager.num_used_blocks,
@@ -317,14 +317,30 @@ class Engine:
                 raise RequestFailedError("the engine is shutting down")
             if request.request_id in self._submitted:
                 raise InvalidRequestError("request_id", f"request id {request.request_id!r} is already running")
-            free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
-            if self._num_unadmitted >= self.config.max_waiting + free_slots:
-                raise QueueFullError(f"the engine's waiting queue is full ({self._num_unadmitted} requests waiting); retry later")
+            waiting = self._num_waiting_locked()
+            if not self._has_free_slot_locked() and waiting >= self.config.max_waiting:
+                raise QueueFullError(f"the server is busy: the waiting queue is full ({waiting} waiting for a free "
+                                     f"slot, limit {self.config.max_waiting}: --max-waiting); retry later")
             self._num_unadmitted += 1
             self._submitted.add(request.request_id)
             self._inbox.append(state)
             self._lock.notify_all()
         return state
+
+    def _num_waiting_locked(self) -> int:
+        """Requests submitted but not started, beyond the free running slots: what --max-waiting bounds.
+
+        A request admitted while a slot is free starts at the next step and is
+        not counted, so the 429 message and hearth_num_requests_waiting agree.
+        """
+        return max(0, self._num_unadmitted - self._free_slots_locked())
+
+    def _free_slots_locked(self) -> int:
+        return max(0, self.config.max_num_seqs - len(self.scheduler.running))
+
+    def _has_free_slot_locked(self) -> bool:
+        """A new request would start at the next step without waiting."""
+        return self._num_unadmitted < self._free_slots_locked()
 
     def _check(self, request: GenerationRequest) -> None:
         params, prompt = request.params, request.prompt_ids
