@@ -60,6 +60,7 @@ from server.ollama_protocol import (
     now_rfc3339,
 )
 from server.registry import ModelRegistry, ServedModel
+from server.structured import attach_grammar
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -198,6 +199,7 @@ async def chat(request: Request) -> Response:
         return load_only(ChatResponse(model=body.model, created_at=now_rfc3339(), message=ResponseMessage(), done=True, done_reason="load"), body.stream is not False)
     prompt_ids = encode_chat(served.tokenizer, body.template_messages()).ids
     job = prepare_job(body.model, served, prompt_ids, body, started)
+    await attach_grammar(job.params, served.engine, body.grammar_spec())
 
     def make_object(text: str, logprobs, final: FinalFields | None) -> ChatResponse:
         return ChatResponse(
@@ -247,6 +249,7 @@ async def generate(request: Request) -> Response:
     if not body.prompt and not body.context:
         return load_only(GenerateResponse(model=body.model, created_at=now_rfc3339(), response="", done=True, done_reason="load"), body.stream is not False)
     job = prepare_job(body.model, served, generate_prompt_ids(body, served), body, started)
+    await attach_grammar(job.params, served.engine, body.grammar_spec())
 
     def make_object(text: str, logprobs, final: FinalFields | None) -> GenerateResponse:
         return GenerateResponse(

@@ -8,9 +8,11 @@ Design choices:
   model's own limit.
 - Durations in responses are integers in nanoseconds, `created_at` is
   RFC 3339 in UTC, as Ollama writes them.
-- Features this server cannot honour (images, tools, JSON `format`, custom
-  `template`, `suffix`) are refused with a 400 saying so; unknown options are
-  logged and ignored.
+- `format` ("json" or a JSON schema) is enforced by constrained decoding
+  (server/structured.py maps it to an API-neutral GrammarSpec).
+- Features this server cannot honour (images, tools, custom `template`,
+  `suffix`) are refused with a 400 saying so; unknown options are logged and
+  ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.engine.grammar import GrammarSpec
 from server.engine.types import InvalidRequestError, SamplingParams
+from server.structured import ollama_grammar_spec
 
 # Engine parameter name -> Ollama's name, for error messages.
 OLLAMA_PARAM_NAMES = {
@@ -96,12 +100,12 @@ class GenerationFields(OllamaRequest):
     """Fields common to /api/chat and /api/generate."""
 
     def check_supported(self) -> None:
-        if self.format not in (None, ""):
-            raise InvalidRequestError(
-                "format", "format is not supported: this server does not constrain decoding, so it cannot guarantee JSON"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """`format` ("json" or a JSON schema) as an API-neutral constraint."""
+        return ollama_grammar_spec(self.format)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         params = (self.options or Options()).to_sampling_params(default_max_tokens)
@@ -115,7 +119,7 @@ class ChatRequest(GenerationFields):
     model: str
     messages: list[Message] = Field(default_factory=list)
     tools: list[Any] | None = None
-    format: Any = None  # "json" or a JSON schema: refused
+    format: Any = None  # "json" or a JSON schema (constrained decoding)
     options: Options | None = None
     stream: bool | None = True  # null: the default (stream)
     keep_alive: float | str | None = None  # accepted: models stay loaded

@@ -66,6 +66,7 @@ from server.openai_protocol import (
     TopLogprob,
 )
 from server.registry import ModelRegistry, ServedModel
+from server.structured import attach_grammar
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -160,6 +161,7 @@ async def chat_completions(request: Request) -> Response:
     prompt_ids = encode_chat(served.tokenizer, body.template_messages()).ids
     params = body.to_sampling_params(remaining_context(len(prompt_ids), served.max_seq_len))
     check_params(params, served.tokenizer.vocab_size, CHAT_PARAM_NAMES)
+    await attach_grammar(params, served.engine, body.grammar_spec())
     check_context(len(prompt_ids), params, served.max_seq_len, "messages")
     context = ResponseContext.create("chatcmpl", served)
     outputs = await start_generation(served.engine, context.response_id, prompt_ids, params)
@@ -269,6 +271,7 @@ async def completions(request: Request) -> Response:
         check_context(len(prompt.token_ids), params, served.max_seq_len, "prompt")
         request_id = context.response_id if len(prompts) == 1 else f"{context.response_id}-{index}"
         jobs.append((request_id, prompt.token_ids, params))
+    await attach_grammar([params for _, _, params in jobs], served.engine, body.grammar_spec())
     streams = await start_all(served.engine, jobs)
     n = body.n or 1
     echoes = [p.text if body.echo else "" for p in prompts]

@@ -7,11 +7,12 @@ Design choices:
   engine sees it. The engine's own `SamplingParams.validate` runs after as a
   backstop (token ids in the vocabulary, n <= 16).
 - Unknown fields are accepted (`extra="allow"`) so the route can log and
-  ignore them; known-but-unsupported features (tools, json response formats
-  without constrained decoding, fill-in-the-middle `suffix`) are refused with
-  a 400 that says so, never silently dropped.
+  ignore them; known-but-unsupported features (fill-in-the-middle `suffix`)
+  are refused with a 400 that says so, never silently dropped.
 - Extras beyond OpenAI, as vLLM names them: top_k, min_p,
-  repetition_penalty, ignore_eos.
+  repetition_penalty, ignore_eos, and the structured-output constraints
+  `structured_outputs` / `guided_*` (mapped by server/structured.py, like
+  `response_format`).
 - `to_sampling_params(default_max_tokens)` is the one place a request becomes
   engine settings; an absent max_tokens means "the rest of the context".
 """
@@ -22,7 +23,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from server.engine.grammar import GrammarSpec
 from server.engine.types import InvalidRequestError, SamplingParams
+from server.structured import VLLM_GUIDED, openai_grammar_spec
 
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # int64, as OpenAI documents seed
@@ -60,9 +63,26 @@ class StreamOptions(OpenAIRequest):
 
 class ResponseFormat(OpenAIRequest):
     type: str = "text"  # text | json_object | json_schema
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
 
 
-class SamplingFields(OpenAIRequest):
+class StructuredOutputFields(OpenAIRequest):
+    """vLLM's structured-output extras (chat and completions)."""
+
+    structured_outputs: dict[str, Any] | None = None  # {json | regex | choice | grammar}
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The request's one output constraint (response_format or a vLLM extra), API-neutral."""
+        response_format = getattr(self, "response_format", None)
+        extras = {name: getattr(self, name) for name in ("structured_outputs", *VLLM_GUIDED)}
+        return openai_grammar_spec(response_format.model_dump(exclude_none=True) if response_format else None, extras)
+
+
+class SamplingFields(StructuredOutputFields):
     """Fields shared by chat and text completions (reference order within each request)."""
 
     def stop_list(self) -> list[str]:
@@ -140,12 +160,6 @@ class ChatCompletionRequest(SamplingFields):
         self.check_stream_options()
         if self.tools:
             raise InvalidRequestError("tools", "tools (function calling) are not supported by this server")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                "response_format",
-                f"response_format type '{self.response_format.type}' is not supported: this server does not "
-                "constrain decoding, so it cannot guarantee valid JSON; use 'text'",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
 

@@ -81,7 +81,8 @@ def openai_error(response: httpx.Response, status: int) -> dict:
         ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
         ("stop", 5, "stop"),
         ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true
-        ("response_format", {"type": "json_object"}, "response_format"),
+        ("response_format", {"type": "xml"}, "response_format.type"),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}}}}, "response_format.json_schema.schema"),
         ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
     ],
 )
