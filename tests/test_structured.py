@@ -162,3 +162,14 @@ def test_ignore_eos_with_a_grammar_is_refused(engine, prompt):
     with pytest.raises(InvalidRequestError) as caught:
         asyncio.run(collect(engine, "eos", prompt, params))
     assert caught.value.param == "ignore_eos"
+
+
+def test_objects_without_additional_properties_get_only_their_declared_keys(engine, prompt):
+    open_schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}
+    grammar = compiled(engine, open_schema)
+    assert json.loads(grammar.spec.source)["additionalProperties"] is False
+    requests = [(prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=seed, grammar=grammar)) for seed in range(4)]
+    for result in asyncio.run(collect_all(engine, requests)):
+        assert list(json.loads(result.choices[0].text)) == ["a"]
+    all_of = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}
+    assert "additionalProperties" not in GrammarSpec.json_schema(all_of, "f").source  # closing a branch would forbid the other's key

@@ -19,6 +19,12 @@ Design choices:
   so a schema sent with every request compiles once. Compiling runs in a
   small thread pool (`compile_async`), never on the event loop or the engine
   thread; llguidance releases the GIL while it builds.
+- An object schema with `properties` but no `additionalProperties` generates
+  only the declared properties (as llama.cpp and xgrammar do): the output
+  still validates against the schema as sent, and a model is not invited to
+  invent keys forever (pydantic's `model_json_schema()` leaves the keyword
+  out). Inside `allOf` branches nothing is closed (each branch would forbid
+  the others' keys).
 - JSON is compact by default (no whitespace between tokens): a weak model
   otherwise can spend its whole budget on newlines inside a JSON value.
 - The end-of-sequence tokens of the grammar are the model's stop tokens: the
@@ -64,7 +70,8 @@ class GrammarSpec:
             schema = {} if schema else {"not": {}}
         if not isinstance(schema, dict):
             raise InvalidRequestError(field, f"{field} must be a JSON schema object")
-        return cls("json_schema", json.dumps(schema, separators=(",", ":")), field)  # key order kept: it orders the properties
+        closed = close_objects(schema)  # key order kept: it orders the properties
+        return cls("json_schema", json.dumps(closed, separators=(",", ":")), field)
 
     @classmethod
     def json_object(cls, field: str) -> "GrammarSpec":
@@ -87,6 +94,32 @@ class GrammarSpec:
     @property
     def key(self) -> str:
         return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
+
+
+def close_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """A copy of schema where objects with `properties` and no `additionalProperties` allow no other keys."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: close_objects(sub) for name, sub in closed[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [close_objects(sub) for sub in closed[key]]
+    for key in _SCHEMA_VALUES:
+        if key in closed:
+            closed[key] = close_objects(closed[key])
+    if isinstance(closed.get("allOf"), list):
+        closed["allOf"] = [close_objects(sub, in_all_of=True) for sub in closed["allOf"]]
+    if "properties" in closed and "additionalProperties" not in closed and not in_all_of and "allOf" not in closed:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _non_empty_text(value: Any, field: str) -> str:
