@@ -326,3 +326,20 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     events = parser.feed(text) + parser.finish()
     content = "".join(event.text for event in events if isinstance(event, TextEvent))
     return content, parser.finished_calls
+
+
+def with_tool_calls(make_object: Any) -> Any:
+    """Wrap an answer-object builder `make_object(text, logprobs, final)` (Ollama's) so that calls in
+    the text become `message.tool_calls` (arguments as objects), each sent once it is complete."""
+    parser = ToolCallParser()
+
+    def make(text: str, logprobs: Any, final: Any) -> Any:
+        events = parser.feed(text) + (parser.finish() if final is not None else [])
+        content = "".join(event.text for event in events if isinstance(event, TextEvent))
+        calls = [parser.finished_calls[event.index] for event in events if isinstance(event, CallEnd)]
+        answer = make_object(content.strip() if parser.calls else content, logprobs, final)
+        if calls:
+            answer.message.tool_calls = [{"function": {"name": c["name"], "arguments": json.loads(c["arguments"])}} for c in calls]
+        return answer
+
+    return make

@@ -204,3 +204,58 @@ def test_unenforceable_parameters_are_a_400_naming_the_tool(client, tool_model_d
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER, bad], tool_choice="required")
     assert caught.value.body["param"] == "tools[1].function.parameters"
+
+
+def lookup_word(word: str, language: str) -> str:
+    """Look a word up in the dictionary.
+
+    Args:
+        word: the word
+        language: its language
+    """
+    return word
+
+
+def test_ollama_tools_from_a_python_function(server, tool_model_dir):
+    client = ollama_client(server.url)
+    for seed in range(2):
+        reply = client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[lookup_word], options={"seed": seed, "num_predict": 40})
+        for call in reply.message.tool_calls or []:  # the model may answer in text instead ("auto")
+            assert call.function.name == "lookup_word" and isinstance(call.function.arguments, dict)
+            assert set(call.function.arguments) == {"word", "language"}
+        assert "<tool_call>" not in reply.message.content
+
+
+def test_ollama_tool_calls_streamed_and_not(server, tool_model_dir):
+    client = ollama_client(server.url)
+    for seed in range(3):
+        options = {"seed": seed, "num_predict": 60, "temperature": 1.0}
+        whole = client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER], options=options)
+        streamed = list(client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER], stream=True, options=options))
+        calls = [call for part in streamed for call in part.message.tool_calls or []]
+        assert [(c.function.name, c.function.arguments) for c in calls] == \
+               [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        assert "".join(part.message.content for part in streamed).strip() == whole.message.content.strip()
+        for call in calls:
+            jsonschema.validate(call.function.arguments, SCHEMAS["get_weather"])
+    history = MESSAGES + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
+                          {"role": "tool", "content": "18 degrees", "tool_name": "get_weather"}]
+    assert client.chat(model=tool_model_dir.name, messages=history, options={"num_predict": 4}).done
+
+
+def test_ollama_answers_carry_calls_as_objects_once_complete():
+    """Ollama's answer objects: streamed, each call arrives whole in one object; the same calls as the whole answer."""
+    from server.ollama_protocol import ChatResponse, ResponseMessage
+    from server.tools import with_tool_calls
+
+    def make_object(text, logprobs, final):
+        return ChatResponse(model="m", created_at="now", message=ResponseMessage(content=text), done=final is not None)
+
+    whole = with_tool_calls(make_object)(TEXT, None, "final")
+    streamed_maker = with_tool_calls(make_object)
+    parts = [streamed_maker(TEXT[i:i + 4], None, None) for i in range(0, len(TEXT), 4)] + [streamed_maker("", None, "final")]
+    expected = [{"function": {"name": "get_weather", "arguments": {"city": 'Pa"}ris', "unit": "c"}}},
+                {"function": {"name": "now", "arguments": {}}}]
+    assert whole.message.tool_calls == expected and whole.message.content == "Let me check."
+    assert [call for part in parts for call in part.message.tool_calls or []] == expected
+    assert sum(bool(part.message.tool_calls) for part in parts) == 2
