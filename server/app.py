@@ -47,7 +47,7 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import ollama_api, openai_api
+    from server import ollama_api, openai_api, responses_api
 
     settings = settings or load_settings()
     if engines is not None:
@@ -73,6 +73,7 @@ def create_app(
     app.include_router(core_router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
     install_error_handlers(app)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

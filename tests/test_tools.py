@@ -11,11 +11,9 @@ import openai
 import pytest
 
 from model.chat import encode_chat
-from model.checkpoint import save_checkpoint
 from server.engine.types import InvalidRequestError
 from server.tools import ArgumentsDelta, CallStart, TextEvent, ToolCallParser, ToolConfig, parse_tool_calls
-from tests.conftest import make_tiny_model
-from tests.server_fixtures import http_client, ollama_client, openai_client, running_server
+from tests.server_fixtures import ollama_client, openai_client, running_server
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -97,16 +95,8 @@ def test_hearths_template_renders_tools_calls_and_results(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tool_model_dir(tmp_path_factory, tokenizer):
-    """The tiny model with a 2048-token context: the tool instructions alone are ~800 of its tokens."""
-    path = tmp_path_factory.mktemp("tools") / "tiny-tools"
-    save_checkpoint(path, make_tiny_model(tokenizer, max_seq_len=2048), tokenizer)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(tool_model_dir):
-    with running_server(tool_model_dir, kv_cache_blocks=1100) as running:
+def server(long_model_dir):
+    with running_server(long_model_dir, kv_cache_blocks=1100) as running:
         yield running
 
 
@@ -123,11 +113,11 @@ def check_calls(message, names=None):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-def test_required_calls_one_of_the_tools(client, tool_model_dir):
+def test_required_calls_one_of_the_tools(client, long_model_dir):
     """Parallel calls are allowed: a random model may chain calls until max_tokens; each complete one is valid."""
     finishes = []
     for seed in range(4):
-        reply = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+        reply = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="required",
                                                temperature=1.0, seed=seed, max_completion_tokens=150)
         choice = reply.choices[0]
         check_calls(choice.message)
@@ -136,31 +126,31 @@ def test_required_calls_one_of_the_tools(client, tool_model_dir):
     assert set(finishes) <= {"tool_calls", "length"} and finishes.count("tool_calls") >= 2
 
 
-def test_a_named_function_is_called_exactly_once(client, tool_model_dir):
+def test_a_named_function_is_called_exactly_once(client, long_model_dir):
     for name in ("add", "get_weather"):
-        reply = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=1,
+        reply = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, temperature=1.0, seed=1,
                                                tool_choice={"type": "function", "function": {"name": name}}, max_completion_tokens=80)
         message = reply.choices[0].message
         check_calls(message, {name})
         assert len(message.tool_calls) == 1 and reply.choices[0].finish_reason == "tool_calls"
 
 
-def test_a_parameterless_tool_gets_empty_arguments(client, tool_model_dir):
-    reply = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, max_completion_tokens=40,
+def test_a_parameterless_tool_gets_empty_arguments(client, long_model_dir):
+    reply = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, max_completion_tokens=40,
                                            tool_choice={"type": "function", "function": {"name": "now"}})
     assert [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls] == [("now", "{}")]
 
 
-def test_no_parallel_calls_means_one(client, tool_model_dir):
+def test_no_parallel_calls_means_one(client, long_model_dir):
     for seed in range(3):
-        reply = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+        reply = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice="required",
                                                parallel_tool_calls=False, temperature=1.0, seed=seed, max_completion_tokens=80)
         assert len(reply.choices[0].message.tool_calls) == 1
 
 
-def test_streamed_calls_equal_the_non_streamed_ones_at_temperature_0(client, tool_model_dir):
+def test_streamed_calls_equal_the_non_streamed_ones_at_temperature_0(client, long_model_dir):
     for choice in ("required", {"type": "function", "function": {"name": "add"}}):
-        options = dict(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice=choice, temperature=0,
+        options = dict(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, tool_choice=choice, temperature=0,
                        parallel_tool_calls=False, max_completion_tokens=80)
         whole = client.chat.completions.create(**options).choices[0]
         calls, finish = {}, None
@@ -178,9 +168,9 @@ def test_streamed_calls_equal_the_non_streamed_ones_at_temperature_0(client, too
         assert finish == whole.finish_reason == "tool_calls"
 
 
-def test_auto_gives_text_or_valid_calls(client, tool_model_dir):
+def test_auto_gives_text_or_valid_calls(client, long_model_dir):
     for seed in range(4):
-        reply = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=TOOLS, temperature=1.0,
+        reply = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=TOOLS, temperature=1.0,
                                                seed=seed, max_completion_tokens=40)
         choice = reply.choices[0]
         if choice.message.tool_calls:
@@ -189,20 +179,20 @@ def test_auto_gives_text_or_valid_calls(client, tool_model_dir):
             assert "<tool_call>" not in (choice.message.content or "")
 
 
-def test_a_tool_round_trip(client, tool_model_dir):
-    first = client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER], tool_choice="required",
+def test_a_tool_round_trip(client, long_model_dir):
+    first = client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=[WEATHER], tool_choice="required",
                                            temperature=0, max_completion_tokens=60).choices[0].message
     history = MESSAGES + [first.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "18 degrees and sunny"}]
-    second = client.chat.completions.create(model=tool_model_dir.name, messages=history, tools=[WEATHER], tool_choice="none",
+    second = client.chat.completions.create(model=long_model_dir.name, messages=history, tools=[WEATHER], tool_choice="none",
                                             temperature=0, max_completion_tokens=8).choices[0]
     assert second.message.tool_calls is None and second.message.content
 
 
-def test_unenforceable_parameters_are_a_400_naming_the_tool(client, tool_model_dir):
+def test_unenforceable_parameters_are_a_400_naming_the_tool(client, long_model_dir):
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "if": {}}}}
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER, bad], tool_choice="required")
+        client.chat.completions.create(model=long_model_dir.name, messages=MESSAGES, tools=[WEATHER, bad], tool_choice="required")
     assert caught.value.body["param"] == "tools[1].function.parameters"
 
 
@@ -216,22 +206,22 @@ def lookup_word(word: str, language: str) -> str:
     return word
 
 
-def test_ollama_tools_from_a_python_function(server, tool_model_dir):
+def test_ollama_tools_from_a_python_function(server, long_model_dir):
     client = ollama_client(server.url)
     for seed in range(2):
-        reply = client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[lookup_word], options={"seed": seed, "num_predict": 40})
+        reply = client.chat(model=long_model_dir.name, messages=MESSAGES, tools=[lookup_word], options={"seed": seed, "num_predict": 40})
         for call in reply.message.tool_calls or []:  # the model may answer in text instead ("auto")
             assert call.function.name == "lookup_word" and isinstance(call.function.arguments, dict)
             assert set(call.function.arguments) == {"word", "language"}
         assert "<tool_call>" not in reply.message.content
 
 
-def test_ollama_tool_calls_streamed_and_not(server, tool_model_dir):
+def test_ollama_tool_calls_streamed_and_not(server, long_model_dir):
     client = ollama_client(server.url)
     for seed in range(3):
         options = {"seed": seed, "num_predict": 60, "temperature": 1.0}
-        whole = client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER], options=options)
-        streamed = list(client.chat(model=tool_model_dir.name, messages=MESSAGES, tools=[WEATHER], stream=True, options=options))
+        whole = client.chat(model=long_model_dir.name, messages=MESSAGES, tools=[WEATHER], options=options)
+        streamed = list(client.chat(model=long_model_dir.name, messages=MESSAGES, tools=[WEATHER], stream=True, options=options))
         calls = [call for part in streamed for call in part.message.tool_calls or []]
         assert [(c.function.name, c.function.arguments) for c in calls] == \
                [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
@@ -240,7 +230,7 @@ def test_ollama_tool_calls_streamed_and_not(server, tool_model_dir):
             jsonschema.validate(call.function.arguments, SCHEMAS["get_weather"])
     history = MESSAGES + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
                           {"role": "tool", "content": "18 degrees", "tool_name": "get_weather"}]
-    assert client.chat(model=tool_model_dir.name, messages=history, options={"num_predict": 4}).done
+    assert client.chat(model=long_model_dir.name, messages=history, options={"num_predict": 4}).done
 
 
 def test_ollama_answers_carry_calls_as_objects_once_complete():
