@@ -282,12 +282,15 @@ def apply_grammar_masks(
             failures[row] = exc
     if not rows:
         return processed
+    forbidden = np.zeros(raw.shape, dtype=bool)  # one elementwise pass over the batch: rows without a grammar stay False
+    for row, allowed in zip(rows, masks):
+        np.logical_not(allowed, out=forbidden[row])
     if processed is raw:
         processed = raw.clone(memory_format=torch.contiguous_format)
-    index = torch.tensor(rows, device=raw.device)
-    forbidden = torch.from_numpy(~np.stack(masks)).to(raw.device)
-    processed.index_copy_(0, index, processed.index_select(0, index).masked_fill(forbidden, float("-inf")))
-    return processed
+    if processed.device.type == "cpu" and processed.is_contiguous():  # numpy: single-threaded, no OpenMP wake-ups
+        np.copyto(processed.numpy(), np.float32(float("-inf")), where=forbidden)
+        return processed
+    return processed.masked_fill_(torch.from_numpy(forbidden).to(raw.device), float("-inf"))
 
 
 class _Edits:
