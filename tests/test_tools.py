@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from model.chat import encode_chat
+from model.tokenizer import Tokenizer, TokenizerInfo
 from server.engine.types import InvalidRequestError
 from server.tools import ArgumentsDelta, CallStart, TextEvent, ToolCallParser, ToolConfig, parse_tool_calls
 from tests.server_fixtures import ollama_client, openai_client, running_server
@@ -89,6 +90,21 @@ def test_hearths_template_renders_tools_calls_and_results(tokenizer):
     assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in text
     assert '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","unit":"c"}}</tool_call>' in text
     assert "<tool_response>18 degrees</tool_response>" in text
+
+
+def test_a_jinja_template_gets_tools_and_calls_as_transformers_passes_them(tokenizer):
+    template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+                "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% for c in m.tool_calls or [] %}"
+                "CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% endfor %}")
+    imported = Tokenizer(tokenizer.backend, TokenizerInfo(chat_template="jinja", jinja_template=template))
+    history = MESSAGES + [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+                                                             "function": {"name": "get_weather", "arguments": '{"city":"Paris","unit":"c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+    ]
+    text = imported.decode(encode_chat(imported, history, tools=[WEATHER]).ids, skip_special=False)
+    assert text.startswith("TOOLS:get_weather;[user]")
+    assert 'CALL get_weather {"city": "Paris", "unit": "c"}' in text and text.endswith("[tool]18 degrees")
 
 
 # ------------------------------------------------------------------ over HTTP
