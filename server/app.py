@@ -12,7 +12,9 @@ Design choices:
   models in a lifespan task: /health is 503 {"status": "loading"} until every
   model is ready, then 200; model routes answer 503 with Retry-After meanwhile.
 - Core routes beyond the two APIs: /health, and vLLM-style /tokenize and
-  /detokenize (the `model` field may be left out when one model is served).
+  /detokenize (the `model` field may be left out when one model is served),
+  which also take llama.cpp's names (`content`, `add_special`, `with_pieces`;
+  /detokenize answers `content` as well as `prompt`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import ollama_api, openai_api
+    from server import ollama_api, openai_api, responses_api
 
     settings = settings or load_settings()
     if engines is not None:
@@ -73,6 +75,7 @@ def create_app(
     app.include_router(core_router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
@@ -104,6 +107,9 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True  # prompt: prepend BOS
     add_generation_prompt: bool = True  # messages: end with the assistant header
+    content: str | None = None  # llama.cpp's name for prompt (BOS only with add_special, as there)
+    add_special: bool = False  # llama.cpp's add_special_tokens, for content
+    with_pieces: bool = False  # llama.cpp: tokens as {"id", "piece"}
 
 
 class DetokenizeRequest(BaseModel):
@@ -121,12 +127,16 @@ def requested_model(request: Request, model_id: str | None):
 async def tokenize(request: Request) -> dict[str, Any]:
     body = await parse_body(request, TokenizeRequest)
     served = requested_model(request, body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
-    if body.messages is not None:
+    if [body.prompt, body.messages, body.content].count(None) != 2:
+        raise InvalidRequestError("prompt", "give exactly one of prompt, content or messages")
+    if body.content is not None:
+        tokens = served.tokenizer.encode(body.content, add_bos=body.add_special)
+    elif body.messages is not None:
         tokens = encode_chat(served.tokenizer, body.messages, body.add_generation_prompt).ids
     else:
         tokens = served.tokenizer.encode(body.prompt or "", add_bos=body.add_special_tokens)
+    if body.with_pieces:
+        tokens = [{"id": t, "piece": served.tokenizer.decode([t], skip_special=False)} for t in tokens]
     return {"count": len(tokens), "max_model_len": served.max_seq_len, "tokens": tokens}
 
 
@@ -138,4 +148,5 @@ async def detokenize(request: Request) -> dict[str, Any]:
     bad = [t for t in body.tokens if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError("tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    return {"prompt": served.tokenizer.decode(body.tokens)}
+    text = served.tokenizer.decode(body.tokens)
+    return {"prompt": text, "content": text}  # vLLM's and llama.cpp's names

@@ -60,6 +60,8 @@ from server.ollama_protocol import (
     now_rfc3339,
 )
 from server.registry import ModelRegistry, ServedModel
+from server.structured import attach_grammar
+from server.tools import tool_grammar_spec, with_tool_calls
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -196,8 +198,11 @@ async def chat(request: Request) -> Response:
     served = registry_of(request).get(body.model)
     if not body.messages:
         return load_only(ChatResponse(model=body.model, created_at=now_rfc3339(), message=ResponseMessage(), done=True, done_reason="load"), body.stream is not False)
-    prompt_ids = encode_chat(served.tokenizer, body.template_messages()).ids
+    tools = body.tool_config()
+    prompt_ids = encode_chat(served.tokenizer, body.template_messages(), tools=tools and tools.template_tools()).ids
     job = prepare_job(body.model, served, prompt_ids, body, started)
+    spec = await tool_grammar_spec(served.engine, tools) if tools else body.grammar_spec()
+    await attach_grammar(job.params, served.engine, spec)
 
     def make_object(text: str, logprobs, final: FinalFields | None) -> ChatResponse:
         return ChatResponse(
@@ -210,6 +215,8 @@ async def chat(request: Request) -> Response:
             **(final.stats if final else {}),
         )
 
+    if tools:  # calls parsed out of the text into message.tool_calls
+        make_object = with_tool_calls(make_object)
     return await answer(request, job, body.stream is not False, make_object)
 
 
@@ -247,6 +254,7 @@ async def generate(request: Request) -> Response:
     if not body.prompt and not body.context:
         return load_only(GenerateResponse(model=body.model, created_at=now_rfc3339(), response="", done=True, done_reason="load"), body.stream is not False)
     job = prepare_job(body.model, served, generate_prompt_ids(body, served), body, started)
+    await attach_grammar(job.params, served.engine, body.grammar_spec())
 
     def make_object(text: str, logprobs, final: FinalFields | None) -> GenerateResponse:
         return GenerateResponse(

@@ -8,9 +8,13 @@ Design choices:
   model's own limit.
 - Durations in responses are integers in nanoseconds, `created_at` is
   RFC 3339 in UTC, as Ollama writes them.
-- Features this server cannot honour (images, tools, JSON `format`, custom
-  `template`, `suffix`) are refused with a 400 saying so; unknown options are
-  logged and ignored.
+- `format` ("json" or a JSON schema) is enforced by constrained decoding
+  (server/structured.py maps it to an API-neutral GrammarSpec).
+- `tools` are rendered by the chat template and called under a grammar
+  (server/tools.py), `message.tool_calls` with arguments as objects.
+- Features this server cannot honour (images, custom `template`,
+  `suffix`) are refused with a 400 saying so; unknown options are logged and
+  ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.engine.grammar import GrammarSpec
 from server.engine.types import InvalidRequestError, SamplingParams
+from server.structured import ollama_grammar_spec
+from server.tools import ToolConfig
 
 # Engine parameter name -> Ollama's name, for error messages.
 OLLAMA_PARAM_NAMES = {
@@ -91,19 +98,20 @@ class Message(OllamaRequest):
     content: str = ""
     images: list[Any] | None = None
     thinking: str | None = None  # earlier reasoning (accepted, not templated)
-    tool_calls: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # [{"function": {"name", "arguments": {...}}}]
+    tool_name: str | None = None  # role tool: which tool answered
 
 
 class GenerationFields(OllamaRequest):
     """Fields common to /api/chat and /api/generate."""
 
     def check_supported(self) -> None:
-        if self.format not in (None, ""):
-            raise InvalidRequestError(
-                "format", "format is not supported: this server does not constrain decoding, so it cannot guarantee JSON"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """`format` ("json" or a JSON schema) as an API-neutral constraint."""
+        return ollama_grammar_spec(self.format)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         params = (self.options or Options()).to_sampling_params(default_max_tokens)
@@ -117,7 +125,7 @@ class ChatRequest(GenerationFields):
     model: str
     messages: list[Message] = Field(default_factory=list)
     tools: list[Any] | None = None
-    format: Any = None  # "json" or a JSON schema: refused
+    format: Any = None  # "json" or a JSON schema (constrained decoding)
     options: Options | None = None
     stream: bool | None = True  # null: the default (stream)
     keep_alive: float | str | None = None  # accepted: models stay loaded
@@ -125,16 +133,22 @@ class ChatRequest(GenerationFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    def tool_config(self) -> ToolConfig | None:
+        """Ollama's tools (OpenAI's shape, no tool_choice: the model decides), API-neutral."""
+        config = ToolConfig.from_openai(self.tools, None, True)
+        if config is not None and self.grammar_spec() is not None:
+            raise InvalidRequestError("format", "format cannot be combined with tools")
+        return config
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise InvalidRequestError("tools", f"{self.model} does not support tools")
         for index, message in enumerate(self.messages):
             if message.images:
                 raise InvalidRequestError(f"messages[{index}].images", f"{self.model} does not support images (text only)")
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [{"role": m.role, "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
+                for m in self.messages]
 
 
 class GenerateRequest(GenerationFields):
@@ -196,6 +210,7 @@ class Logprob(TokenLogprob):
 class ResponseMessage(BaseModel):
     role: str = "assistant"
     content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # [{"function": {"name", "arguments": {...}}}]
 
 
 class ChatResponse(BaseModel):

@@ -66,6 +66,8 @@ from server.openai_protocol import (
     TopLogprob,
 )
 from server.registry import ModelRegistry, ServedModel
+from server.structured import attach_grammar
+from server.tools import tool_grammar_spec
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -158,12 +160,19 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     body.check_supported()
     served = registry_of(request).get(body.model)
-    prompt_ids = encode_chat(served.tokenizer, body.template_messages()).ids
+    tools = body.tool_config()
+    prompt_ids = encode_chat(served.tokenizer, body.template_messages(), tools=tools and tools.template_tools()).ids
     params = body.to_sampling_params(remaining_context(len(prompt_ids), served.max_seq_len))
     check_params(params, served.tokenizer.vocab_size, CHAT_PARAM_NAMES)
+    spec = await tool_grammar_spec(served.engine, tools) if tools else body.grammar_spec()
+    await attach_grammar(params, served.engine, spec)
     check_context(len(prompt_ids), params, served.max_seq_len, "messages")
     context = ResponseContext.create("chatcmpl", served)
     outputs = await start_generation(served.engine, context.response_id, prompt_ids, params)
+    if tools:  # text and tool calls parsed out of the answer (server/openai_tools.py)
+        from server.openai_tools import tool_chat_response
+
+        return await tool_chat_response(request, context, outputs, params.n, body.stream, body.include_usage)
     if body.stream:
         return event_stream_response(chat_chunks(context, outputs, params.n, body.include_usage), [outputs])
     answer = await collect_unless_disconnected(request, collect_chat(context, outputs, params.n), [outputs])
@@ -270,6 +279,7 @@ async def completions(request: Request) -> Response:
         check_context(len(prompt.token_ids), params, served.max_seq_len, "prompt")
         request_id = context.response_id if len(prompts) == 1 else f"{context.response_id}-{index}"
         jobs.append((request_id, prompt.token_ids, params))
+    await attach_grammar([params for _, _, params in jobs], served.engine, body.grammar_spec())
     streams = await start_all(served.engine, jobs)
     n = body.n or 1
     echoes = [p.text if body.echo else "" for p in prompts]

@@ -7,11 +7,12 @@ Design choices:
   engine sees it. The engine's own `SamplingParams.validate` runs after as a
   backstop (token ids in the vocabulary, n <= 16).
 - Unknown fields are accepted (`extra="allow"`) so the route can log and
-  ignore them; known-but-unsupported features (tools, json response formats
-  without constrained decoding, fill-in-the-middle `suffix`) are refused with
-  a 400 that says so, never silently dropped.
+  ignore them; known-but-unsupported features (fill-in-the-middle `suffix`)
+  are refused with a 400 that says so, never silently dropped.
 - Extras beyond OpenAI, as vLLM names them: top_k, min_p,
-  repetition_penalty, ignore_eos.
+  repetition_penalty, ignore_eos, and the structured-output constraints
+  `structured_outputs` / `guided_*` (mapped by server/structured.py, like
+  `response_format`).
 - `to_sampling_params(default_max_tokens)` is the one place a request becomes
   engine settings; an absent max_tokens means "the rest of the context".
 """
@@ -22,7 +23,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from server.engine.grammar import GrammarSpec
 from server.engine.types import InvalidRequestError, SamplingParams
+from server.structured import VLLM_GUIDED, openai_grammar_spec
+from server.tools import ToolConfig
 
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # int64, as OpenAI documents seed
@@ -44,16 +48,23 @@ class TextContentPart(OpenAIRequest):
 
 
 class ChatMessage(OpenAIRequest):
-    role: str  # system, developer (treated as system), user, assistant
+    role: str  # system, developer (treated as system), user, assistant, tool
     content: str | list[TextContentPart] | None = None
     name: str | None = None  # accepted, not used by the template
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def to_template_message(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
         content = self.content
         if isinstance(content, list):
             content = [part.model_dump(exclude_none=True) for part in content]
-        return {"role": role, "content": content}
+        message = {"role": role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(OpenAIRequest):
@@ -62,9 +73,26 @@ class StreamOptions(OpenAIRequest):
 
 class ResponseFormat(OpenAIRequest):
     type: str = "text"  # text | json_object | json_schema
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
 
 
-class SamplingFields(OpenAIRequest):
+class StructuredOutputFields(OpenAIRequest):
+    """vLLM's structured-output extras (chat and completions)."""
+
+    structured_outputs: dict[str, Any] | None = None  # {json | regex | choice | grammar}
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The request's one output constraint (response_format or a vLLM extra), API-neutral."""
+        response_format = getattr(self, "response_format", None)
+        extras = {name: getattr(self, name) for name in ("structured_outputs", *VLLM_GUIDED)}
+        return openai_grammar_spec(response_format.model_dump(exclude_none=True) if response_format else None, extras)
+
+
+class SamplingFields(StructuredOutputFields):
     """Fields shared by chat and text completions (reference order within each request)."""
 
     def stop_list(self) -> list[str]:
@@ -123,8 +151,9 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    tool_choice: Any = None
+    tool_choice: Any = None  # none | auto | required | {"type": "function", "function": {"name"}}
     tools: list[Any] | None = None
+    parallel_tool_calls: bool | None = None  # default true
     top_logprobs: int | None = Field(None, ge=0, le=20)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
@@ -137,17 +166,16 @@ class ChatCompletionRequest(SamplingFields):
     def template_messages(self) -> list[dict[str, Any]]:
         return [message.to_template_message() for message in self.messages]
 
+    def tool_config(self) -> ToolConfig | None:
+        """The tools the model may call (None: none, or tool_choice "none"), API-neutral."""
+        config = ToolConfig.from_openai(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if config is not None and self.grammar_spec() is not None:
+            raise InvalidRequestError("response_format", "response_format and structured outputs cannot be combined with tools")
+        return config
+
     def check_supported(self) -> None:
         """Refuse, with a clear 400, features this server cannot honour."""
         self.check_stream_options()
-        if self.tools:
-            raise InvalidRequestError("tools", "tools (function calling) are not supported by this server")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                "response_format",
-                f"response_format type '{self.response_format.type}' is not supported: this server does not "
-                "constrain decoding, so it cannot guarantee valid JSON; use 'text'",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
 
@@ -244,10 +272,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[ChatCompletionTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -281,10 +321,12 @@ class ChatCompletion(BaseModel):
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # [{"index", "id"?, "type"?, "function": {"name"?, "arguments"}}]
 
     @model_serializer
     def _only_set_fields(self) -> dict[str, Any]:  # OpenAI's deltas omit what did not change
-        return {key: value for key, value in (("role", self.role), ("content", self.content)) if value is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {key: value for key, value in fields if value is not None}
 
 
 class ChatCompletionChunkChoice(BaseModel):

@@ -76,6 +76,11 @@ class ServerSettings(BaseSettings):
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
 
+    # State
+    data_dir: str = Field("~/.hearth", description="folder for server state: stored /v1/responses (SQLite, created on first use)")
+    responses_max_count: int = Field(1000, ge=1, description="stored responses kept at most (oldest dropped first)")
+    responses_max_age_days: float = Field(30.0, gt=0, description="stored responses older than this are dropped")
+
     # Process
     log_level: str = Field("info", description="critical, error, warning, info or debug")
     shutdown_timeout: float = Field(10.0, ge=0, description="seconds running streams get to finish on SIGTERM before they are cancelled")

@@ -42,3 +42,11 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, make_tiny_model(tokenizer), tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny model with a 2048-token context: tool instructions alone are ~800 tokens of this tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt-long") / "tiny-long"
+    save_checkpoint(path, make_tiny_model(tokenizer, max_seq_len=2048), tokenizer)
+    return path

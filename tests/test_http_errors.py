@@ -81,8 +81,10 @@ def openai_error(response: httpx.Response, status: int) -> dict:
         ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
         ("stop", 5, "stop"),
         ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true
-        ("response_format", {"type": "json_object"}, "response_format"),
-        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+        ("response_format", {"type": "xml"}, "response_format.type"),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}}}}, "response_format.json_schema.schema"),
+        ("tools", [{"type": "retrieval"}], "tools[0].type"),
+        ("tool_choice", "required", "tool_choice"),  # without tools
     ],
 )
 def test_invalid_chat_parameter_is_400_naming_it(http, base, field, value, param):
@@ -243,7 +245,13 @@ def test_tokenize_and_detokenize(http, tokenizer, tiny_model_dir):
     tokens = http.post("/tokenize", json={"prompt": "To be, or not"}).json()
     assert tokens["tokens"] == tokenizer.encode("To be, or not", add_bos=True) and tokens["max_model_len"] == 256
     text = http.post("/detokenize", json={"model": tiny_model_dir.name, "tokens": tokens["tokens"]}).json()
-    assert text == {"prompt": "To be, or not"}
+    assert text == {"prompt": "To be, or not", "content": "To be, or not"}  # vLLM's and llama.cpp's names
+    llama = http.post("/tokenize", json={"content": "To be, or not"}).json()  # llama.cpp: no BOS unless add_special
+    assert llama["tokens"] == tokenizer.encode("To be, or not")
+    assert http.post("/tokenize", json={"content": "To", "add_special": True}).json()["tokens"] == tokenizer.encode("To", add_bos=True)
+    pieces = http.post("/tokenize", json={"content": "To be", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "To be" and [p["id"] for p in pieces] == tokenizer.encode("To be")
+    assert openai_error(http.post("/tokenize", json={"content": "x", "prompt": "y"}), 400)["param"] == "prompt"
     assert openai_error(http.post("/detokenize", json={"tokens": [10**6]}), 400)["param"] == "tokens"
     assert openai_error(http.post("/tokenize", json={"prompt": "x", "messages": []}), 400)["param"] == "prompt"
 

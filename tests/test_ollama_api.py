@@ -137,7 +137,7 @@ def test_errors_use_ollama_shape(http, client, tiny_model_dir):
     with pytest.raises(ollama.ResponseError) as caught:
         client.chat(model=tiny_model_dir.name, messages=MESSAGES, options={"top_p": 0}, stream=False)
     assert caught.value.status_code == 400 and "options.top_p" in caught.value.error
-    refused = http.post("/api/generate", json={"model": tiny_model_dir.name, "prompt": "x", "format": "json"})
+    refused = http.post("/api/generate", json={"model": tiny_model_dir.name, "prompt": "x", "format": "xml"})
     assert refused.status_code == 400 and "format" in refused.json()["error"]
     malformed = http.post("/api/chat", content=b'{"model": ')
     assert malformed.status_code == 400 and isinstance(malformed.json()["error"], str)

@@ -49,6 +49,7 @@ from model.decoder import Transformer
 from model.errors import HearthError
 from model.tokenizer import Tokenizer
 from server.engine import cpu_fast, step_loop
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCacheManager, PagedKVCache
 from server.engine.sampling import SampleResult, SequenceSampler
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, TokenEvent
@@ -196,6 +197,7 @@ class Engine:
         if num_blocks - 1 < blocks_per_seq:
             raise HearthError(f"engine config: kv_cache_blocks={num_blocks - 1} cannot hold one full context "
                               f"({model_config.max_seq_len} tokens = {blocks_per_seq} blocks of {self.config.block_size})")
+        self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size)  # structured outputs, cached per schema
         self.kv_manager = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    model_config.max_seq_len, self.config.block_size), self.kv_manager)

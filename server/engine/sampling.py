@@ -25,6 +25,11 @@ Design choices:
 - Greedy rows (temperature < 1e-5, as in vLLM) are one batched argmax and draw nothing.
 - Logprobs are the model's raw log-softmax (before penalties, bias, temperature and
   filtering), as vLLM reports by default: they describe the model, not the sampler settings.
+- Structured outputs: a sequence whose params carry a grammar has its own matcher
+  (server/engine/grammar.py); after penalties and bias, the tokens its grammar forbids
+  get -inf in that row only, so greedy, seeded and unseeded draws, n > 1 and batch
+  invariance work unchanged. `append` advances the matcher; a refused token surfaces as
+  that row's failure at its next step.
 - Failures stay in their row: bad logit_bias entries, NaN or infinite logits come back as
   an exception in that row's slot; the other rows are sampled as if it were absent.
 """
@@ -74,6 +79,7 @@ class SequenceSampler:
         self._seen_ids: _GrowingArray | None = None  # distinct prompt + output tokens (repetition penalty only)
         self._seen: set[int] = set()  # the same, for O(1) membership
         self._bias: tuple[np.ndarray, np.ndarray] | None = None  # logit_bias as (token ids, values), once checked
+        self.matcher = params.grammar.new_matcher() if params.grammar is not None else None  # its own grammar state
 
     @property
     def is_greedy(self) -> bool:
@@ -93,6 +99,8 @@ class SequenceSampler:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
         self.output_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.advance(token_id)
         slot = self._count_slot.setdefault(token_id, self._counted_ids.size)
         if slot == self._counted_ids.size:
             self._counted_ids.append(token_id)
@@ -205,7 +213,7 @@ def sample_batch(logits: Tensor, samplers: list[SequenceSampler]) -> list[Sample
         for row, s in enumerate(samplers)
         if s.vocab_size != vocab_size
     }
-    processed = apply_logit_processors(raw, samplers, failures)
+    processed = apply_grammar_masks(raw, apply_logit_processors(raw, samplers, failures), samplers, failures)
     alive = [row for row in range(len(samplers)) if row not in failures]
     greedy = [row for row in alive if samplers[row].is_greedy]
     random = [row for row in alive if not samplers[row].is_greedy]
@@ -255,6 +263,34 @@ def apply_logit_processors(
         index, values = bias.tensors(raw.device)
         flat.index_copy_(0, index, flat.index_select(0, index) + values)
     return processed
+
+
+def apply_grammar_masks(
+    raw: Tensor, processed: Tensor, samplers: list[SequenceSampler], failures: dict[int, Exception]
+) -> Tensor:
+    """-inf on the tokens each constrained row's grammar forbids (rows without a grammar untouched).
+
+    raw is left intact (the logprobs use it); a row whose grammar fails goes into failures."""
+    rows, masks = [], []
+    for row, sampler in enumerate(samplers):
+        if row in failures or sampler.matcher is None:
+            continue
+        try:
+            masks.append(sampler.matcher.allowed())
+            rows.append(row)
+        except Exception as exc:  # noqa: BLE001 -- the row fails, the batch goes on
+            failures[row] = exc
+    if not rows:
+        return processed
+    forbidden = np.zeros(raw.shape, dtype=bool)  # one elementwise pass over the batch: rows without a grammar stay False
+    for row, allowed in zip(rows, masks):
+        np.logical_not(allowed, out=forbidden[row])
+    if processed is raw:
+        processed = raw.clone(memory_format=torch.contiguous_format)
+    if processed.device.type == "cpu" and processed.is_contiguous():  # numpy: single-threaded, no OpenMP wake-ups
+        np.copyto(processed.numpy(), np.float32(float("-inf")), where=forbidden)
+        return processed
+    return processed.masked_fill_(torch.from_numpy(forbidden).to(raw.device), float("-inf"))
 
 
 class _Edits:

@@ -18,6 +18,7 @@ Breaking out of the `async for` (client gone) cancels the request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from model.errors import HearthError
 
@@ -43,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     n: int = 1  # choices per request; they share the prompt's KV blocks
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k alternatives
+    grammar: Any = None  # a server.engine.grammar.CompiledGrammar: each choice's tokens are masked to it
 
     def validate(self, vocab_size: int) -> None:
         checks = [
@@ -59,6 +61,8 @@ class SamplingParams:
             ("logit_bias", all(0 <= t < vocab_size for t in self.logit_bias), f"token ids must be in [0, {vocab_size})"),
             ("stop_token_ids", all(0 <= t < vocab_size for t in self.stop_token_ids), f"token ids must be in [0, {vocab_size})"),
             ("stop", len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop), "at most 16 non-empty strings"),
+            ("ignore_eos", not (self.ignore_eos and self.grammar is not None), "cannot be combined with structured outputs"),
+            ("grammar", self.grammar is None or self.grammar.vocab_size == vocab_size, "was compiled for another vocabulary"),
         ]
         for param, ok, message in checks:
             if not ok:
