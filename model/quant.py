@@ -180,9 +180,13 @@ class QuantizedEmbedding(_QuantizedBuffers):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.scales.is_meta:
             return
-        table = self.quantized_weight().dequantize(self.scales.dtype)
-        self._buffers.clear()  # the quantized table is not kept: the float one replaces it
+        stored = self.quantized_weight()
+        table = stored.dequantize(self.scales.dtype)
+        self._buffers.clear()  # the quantized buffers go: the float table replaces them for lookups
         self.weight = nn.Parameter(table, requires_grad=False)
+        # the codes, kept (not saved) for a tied LM head: the engine's native kernels read them
+        # (server/engine/cpu_fast.tied_quantized_head) instead of the float table
+        self.stored = stored
 
     def forward(self, tokens: Tensor) -> Tensor:
         return nn.functional.embedding(tokens, self.weight)

@@ -414,3 +414,25 @@ def test_the_native_fp32_engine_is_batch_invariant(tokenizer, tmp_path):
         assert asyncio.run(crowded())[0] == alone
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("method,group_size", [("int8", 32), ("int8", None), ("int4", 32)])
+def test_a_head_tied_to_a_quantized_embedding_reads_its_codes(tokenizer, tmp_path, method, group_size):
+    """GGUF files store token_embd quantized and tie the LM head to it: the engine's head is the native
+    kernel over the embedding's codes (not the fp32 table the lookup uses), with the same logits up
+    to the sum order."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.quant import quantize_checkpoint
+    from server.engine.cpu_fast import PackedInt4Linear, PackedInt8Linear, pack_model
+
+    save_checkpoint(tmp_path / "bf16", bf16_valued_tiny_model(tokenizer, 5).to(torch.bfloat16), tokenizer)
+    folder = quantize_checkpoint(tmp_path / "bf16", tmp_path / "q", method, group_size).out
+    plain = load_checkpoint(folder, dtype=torch.float32).model
+    packed = load_checkpoint(folder, dtype=torch.float32).model
+    assert plain.config.tie_embeddings and packed.lm_head.weight is packed.embed.weight
+    pack_model(packed)
+    assert type(packed.lm_head) is (PackedInt8Linear if method == "int8" else PackedInt4Linear)
+    hidden = randn(5, plain.config.dim, seed=11)
+    with torch.inference_mode():
+        expected, got = plain.lm_head(hidden), packed.lm_head(hidden)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from model import native
 from model.decoder import MLP, Attention, Block, KVCache, RMSNorm, Transformer, apply_rope
 from model.quant import QuantizedLinear
+from model.quant_kernels import QuantizedWeight
 from server.engine.kv_cache import PagedKVCache
 
 
@@ -123,12 +124,12 @@ class PackedInt8Linear(nn.Module):
     native int8 kernel's tiles. It replaces the QuantizedLinears in the engine, so their weights
     are held once, in the tiled layout only (nothing here is saved)."""
 
-    def __init__(self, *layers: QuantizedLinear):
+    def __init__(self, *layers: QuantizedLinear, weights: list[QuantizedWeight] | None = None):
         super().__init__()
-        weights = [layer.quantized_weight() for layer in layers]
+        weights = weights or [layer.quantized_weight() for layer in layers]
         codes = torch.cat([w.data for w in weights])  # [sum of out, in]
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
-        self.group_size = layers[0].spec.group_size or 0  # 0: one scale per output row
+        self.group_size = weights[0].group_size or 0  # 0: one scale per output row
         self.packed = native.pack_int8_weight(codes, torch.cat([w.scales for w in weights]))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,14 +147,14 @@ class PackedInt4Linear(nn.Module):
     """y = x @ W.T for int4 layers of one group size (several stacked by rows), W = (q - 8) * scale + zero
     per group, in the native int4 kernel's tiles; held once, in that layout only (nothing here is saved)."""
 
-    def __init__(self, *layers: QuantizedLinear):
+    def __init__(self, *layers: QuantizedLinear, weights: list[QuantizedWeight] | None = None):
         super().__init__()
         from model.quant_kernels import unpack_nibbles
 
-        weights = [layer.quantized_weight() for layer in layers]
+        weights = weights or [layer.quantized_weight() for layer in layers]
         codes = torch.cat([unpack_nibbles(w.data) for w in weights])  # [sum of out, in] uint8
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
-        self.group_size = layers[0].spec.group_size
+        self.group_size = weights[0].group_size
         self.packed = native.pack_int4_weight(codes, torch.cat([w.scales for w in weights]),
                                               torch.cat([w.zeros for w in weights]))
 
@@ -266,9 +267,30 @@ class FusedBlock(nn.Module):
         return x + self.mlp.forward(self.mlp_norm.forward(x))
 
 
+def tied_quantized_head(model: nn.Module) -> nn.Module | None:
+    """A native matmul over the stored codes of a quantized embedding that the LM head is tied to
+    (GGUF files store token_embd Q8_0 or Q4_x), or None. Why: the embedding is dequantized at load
+    (into the body's dtype: fp32 on the fp32 path, values no bf16 holds), and a float LM head would
+    read 2-4 bytes a weight every step where the codes take about one (int8) or 0.6 (int4)."""
+    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
+    stored = getattr(embed, "stored", None)
+    if stored is None or type(head) is not nn.Linear or head.weight is not embed.weight or stored.data.device.type != "cpu":
+        return None
+    group_size = stored.group_size
+    if stored.method == "int8" and native.linear_int8_kernel() is not None and (
+            group_size is None or (native.is_fp32_path() and group_size % 2 == 0)):
+        return PackedInt8Linear(weights=[stored])
+    if stored.method == "int4" and native.linear_int4_kernel() is not None and group_size % 32 == 0:
+        return PackedInt4Linear(weights=[stored])
+    return None
+
+
 def pack_model(model: nn.Module) -> int:
     """Swap in the fused, packed modules wherever the layers are plain bf16 -> packed matmuls made."""
-    count = 0
+    head = tied_quantized_head(model)
+    if head is not None:
+        model.lm_head = head
+    count = int(head is not None)
     for name, child in list(model.named_children()):
         replacement = packed_replacement(child)
         if replacement is None:
