@@ -28,7 +28,7 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.gguf_export import export_gguf
 from model.gguf_import import hearth_to_gguf_name, import_gguf
-from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_from_gguf
+from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, GGUFError, tokenizer_from_gguf
 from model.quant_kernels import QuantizedWeight
 from tests.conftest import fixture_texts, make_tiny_model
 
@@ -534,7 +534,7 @@ def test_cli_import_export_and_overwrite(tmp_path, chat_tokenizer, tiny_model_di
 def test_serve_entry_imports_a_gguf_file_once_into_the_cache(tmp_path, chat_tokenizer, monkeypatch):
     from server.cli import gguf_entry
 
-    monkeypatch.setenv("HEARTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path / "cache"))
     file, _, _ = tiny_gguf(tmp_path / "tiny.gguf", chat_tokenizer, {"default": T.Q8_0})
     name, _, folder = gguf_entry(str(file)).partition("=")
     assert name == "tiny" and load_checkpoint(folder).config.dim == CONFIG["dim"]
@@ -542,6 +542,12 @@ def test_serve_entry_imports_a_gguf_file_once_into_the_cache(tmp_path, chat_toke
     assert gguf_entry(f"smol={file}") == f"smol={folder}"  # cached: keyed by the file's hash, not imported again
     assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
     assert gguf_entry(str(tmp_path)) == str(tmp_path)  # a folder is left alone
+    assert (tmp_path / "cache" / "gguf" / Path(folder).name).is_dir()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(blocker))  # a cache that cannot be written: one line, no traceback
+    with pytest.raises(GGUFError, match="HEARTH_CACHE_DIR"):
+        gguf_entry(str(file))
 
 
 def test_quantized_checkpoint_exports_dequantized_then_requantized(tmp_path, tokenizer):
