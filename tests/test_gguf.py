@@ -464,6 +464,31 @@ def test_export_then_import_gives_the_checkpoint_logits(tmp_path, tokenizer, kin
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
 
 
+def test_exported_file_is_read_by_transformers_as_hearth_runs_it(tmp_path, tokenizer):
+    """A second GGUF reader (transformers' from_pretrained(gguf_file=...), which undoes llama.cpp's Q/K
+    permutation itself) gets Hearth's logits, token ids, BOS and chat-template ids from the exported file."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.chat import encode_chat
+
+    model = make_tiny_model(tokenizer, seed=6, dim=64, ffn_dim=96)
+    export_gguf(save_checkpoint(tmp_path / "ckpt", model, tokenizer), tmp_path / "m.gguf", "f32")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    tokens = random_tokens(tokenizer.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(input_ids=tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+    for text in TEXTS:
+        assert hf_tokenizer(text).input_ids == tokenizer.encode(text, add_bos=True), text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a lark?"}]
+    hf_chat = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    hf_chat = hf_chat["input_ids"] if isinstance(hf_chat, dict) or hasattr(hf_chat, "keys") else hf_chat
+    assert list(hf_chat) == encode_chat(tokenizer, messages).ids
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
