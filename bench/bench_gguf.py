@@ -6,7 +6,7 @@
 The file is imported once per `--dtypes` entry (`hearth import-gguf --dtype D`, into a temp
 folder); each round then runs, one after another, every Hearth import (a fresh engine: one
 request decoding `--max-tokens` tokens after a short prompt, then one `--prefill-tokens`
-prompt; bench_vs_llamacpp.hearth_round) and, when `--llama-bench` is given, `llama-bench -t
+prompt, at --engine-dtype) and, when `--llama-bench` is given, `llama-bench -t
 THREADS -p PREFILL -n TOKENS -fa 1 -r 1` on the GGUF file itself. Rounds alternate the systems,
 so a noisy neighbour hits both; the table gives medians. Not a test; nothing asserts.
 """
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_engine import machine  # noqa: E402
-from bench_vs_llamacpp import hearth_round, llama_round  # noqa: E402
+from bench_engine import machine, make_prompts, run_request  # noqa: E402
+from bench_vs_llamacpp import llama_round  # noqa: E402
 from server.engine.engine import run_in_fresh_thread  # noqa: E402
 
 
@@ -39,12 +39,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engine-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="the engine's compute dtype (hearth serve --dtype)")
     args = parser.parse_args()
     if not args.gguf.is_file():
         parser.error(f"no such file {args.gguf}")
     if args.llama_bench is not None and not args.llama_bench.is_file():
         parser.error(f"--llama-bench: no such file {args.llama_bench}")
     return args
+
+
+def hearth_round(checkpoint: Path, args) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) of one freshly loaded engine (as bench_vs_llamacpp's, with --engine-dtype)."""
+    import asyncio
+
+    from server.engine import Engine, EngineConfig
+
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_num_seqs=4, dtype=args.engine_dtype))
+    engine.start()
+    try:
+        prompt = make_prompts(engine.tokenizer, 1, 16)[0]
+        asyncio.run(run_request(engine, "warmup", prompt, 8))
+        tokens, _, usage = asyncio.run(run_request(engine, "decode", prompt, args.max_tokens))
+        long_prompt = (prompt * (args.prefill_tokens // len(prompt) + 1))[:args.prefill_tokens]
+        _, _, prefill = asyncio.run(run_request(engine, "prefill", long_prompt, 1))
+        return (tokens - 1) / usage.decode_time, len(long_prompt) / prefill.prefill_time
+    finally:
+        engine.shutdown()
 
 
 def main() -> None:
@@ -75,7 +96,8 @@ def main() -> None:
     for name, runs in results.items():
         if runs:
             decode, prefill = (statistics.median(values) for values in zip(*runs))
-            label = f"llama.cpp on {args.gguf.name}" if name == "llama.cpp" else f"Hearth, import-gguf --dtype {name}"
+            label = (f"llama.cpp on {args.gguf.name}" if name == "llama.cpp"
+                     else f"Hearth, import-gguf --dtype {name}, engine {args.engine_dtype}")
             print(f"| {label} | {decode:.1f} | {prefill:.0f} |")
     print(f"\n{machine()}; medians of {args.rounds} interleaved rounds")
 

@@ -430,9 +430,9 @@ def _model_card(fields: dict[str, Any], file: Path) -> str:
 
 
 def cache_root() -> Path:
-    """Where GGUF files served directly are imported: $HEARTH_CACHE, else ~/.cache/hearth."""
-    base = os.environ.get("HEARTH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hearth"
-    return Path(base) / "gguf"
+    """Where GGUF files served directly are imported: $HEARTH_CACHE_DIR/gguf (default ~/.cache/hearth/gguf),
+    beside the native kernels' cache (model/native.py)."""
+    return Path(os.environ.get("HEARTH_CACHE_DIR") or Path.home() / ".cache" / "hearth") / "gguf"
 
 
 def file_digest(file: Path) -> str:
@@ -448,7 +448,11 @@ def cached_import(file: str | Path, dtype: str = "keep") -> Path:
     file = Path(file)
     folder = cache_root() / f"{file_digest(file)[:32]}-{dtype}"
     if not (folder / "config.json").is_file():
-        import_gguf(file, folder, dtype, overwrite=True)
+        try:
+            import_gguf(file, folder, dtype, overwrite=True)
+        except OSError as exc:
+            raise GGUFError(f"{folder}: cannot write the import of {file} ({exc.strerror or exc}); "
+                            "set HEARTH_CACHE_DIR to a writable folder") from None
     return folder
 
 

@@ -28,7 +28,7 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.gguf_export import export_gguf
 from model.gguf_import import hearth_to_gguf_name, import_gguf
-from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_from_gguf
+from model.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, GGUFError, tokenizer_from_gguf
 from model.quant_kernels import QuantizedWeight
 from tests.conftest import fixture_texts, make_tiny_model
 
@@ -464,6 +464,31 @@ def test_export_then_import_gives_the_checkpoint_logits(tmp_path, tokenizer, kin
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
 
 
+def test_exported_file_is_read_by_transformers_as_hearth_runs_it(tmp_path, tokenizer):
+    """A second GGUF reader (transformers' from_pretrained(gguf_file=...), which undoes llama.cpp's Q/K
+    permutation itself) gets Hearth's logits, token ids, BOS and chat-template ids from the exported file."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.chat import encode_chat
+
+    model = make_tiny_model(tokenizer, seed=6, dim=64, ffn_dim=96)
+    export_gguf(save_checkpoint(tmp_path / "ckpt", model, tokenizer), tmp_path / "m.gguf", "f32")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    tokens = random_tokens(tokenizer.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(input_ids=tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+    for text in TEXTS:
+        assert hf_tokenizer(text).input_ids == tokenizer.encode(text, add_bos=True), text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a lark?"}]
+    hf_chat = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    hf_chat = hf_chat["input_ids"] if isinstance(hf_chat, dict) or hasattr(hf_chat, "keys") else hf_chat
+    assert list(hf_chat) == encode_chat(tokenizer, messages).ids
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -534,7 +559,7 @@ def test_cli_import_export_and_overwrite(tmp_path, chat_tokenizer, tiny_model_di
 def test_serve_entry_imports_a_gguf_file_once_into_the_cache(tmp_path, chat_tokenizer, monkeypatch):
     from server.cli import gguf_entry
 
-    monkeypatch.setenv("HEARTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path / "cache"))
     file, _, _ = tiny_gguf(tmp_path / "tiny.gguf", chat_tokenizer, {"default": T.Q8_0})
     name, _, folder = gguf_entry(str(file)).partition("=")
     assert name == "tiny" and load_checkpoint(folder).config.dim == CONFIG["dim"]
@@ -542,6 +567,12 @@ def test_serve_entry_imports_a_gguf_file_once_into_the_cache(tmp_path, chat_toke
     assert gguf_entry(f"smol={file}") == f"smol={folder}"  # cached: keyed by the file's hash, not imported again
     assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
     assert gguf_entry(str(tmp_path)) == str(tmp_path)  # a folder is left alone
+    assert (tmp_path / "cache" / "gguf" / Path(folder).name).is_dir()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(blocker))  # a cache that cannot be written: one line, no traceback
+    with pytest.raises(GGUFError, match="HEARTH_CACHE_DIR"):
+        gguf_entry(str(file))
 
 
 def test_quantized_checkpoint_exports_dequantized_then_requantized(tmp_path, tokenizer):
