@@ -46,7 +46,8 @@ def test_create_with_a_string_and_usage(client, long_model_dir):
 
 
 def test_stream_events_add_up_to_the_response(client, long_model_dir):
-    options = dict(model=long_model_dir.name, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+    options = dict(model=long_model_dir.name, input=[{"role": "developer", "content": "Be brief."},
+                                                     {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
                    max_output_tokens=8, temperature=0)
     whole = client.responses.create(**options)
     with client.responses.stream(**options) as stream:
