@@ -8,6 +8,8 @@ What it measures, in one process:
   each), unconstrained (ignore_eos) and constrained by a JSON schema that cannot finish within max_tokens
   (an array of at least 1000 objects), so both generate exactly the same number of tokens; rounds
   alternate which goes first; the median per side is reported with the ratio;
+- the sampler alone (no model): ms per step of `sample_batch` for C rows of random logits, with and
+  without the grammar, alternating, medians: the mask's own cost, far less noisy than the end-to-end rows;
 - the llguidance tokenizer build (once per model), a schema's compile time cold (first time) and cached
   (the same schema again: a hash lookup), the mean of many.
 
@@ -52,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (unconstrained, constrained), order alternating")
+    parser.add_argument("--sampler-only", action="store_true", help="skip the end-to-end rows (the model)")
     return parser.parse_args()
 
 
@@ -69,6 +72,26 @@ async def concurrent_tok_s(engine, prompts, max_tokens: int, grammar, tag: str) 
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(engine, f"{tag}-{i}", p, params(i)) for i, p in enumerate(prompts)))
     return sum(counts) / (time.perf_counter() - start)
+
+
+def sampler_ms(engine, grammar, rows: int, steps: int = 64) -> float:
+    """Median ms per `sample_batch` step over rows sequences (seeded, temperature 1) on random logits."""
+    import torch
+
+    from server.engine.sampling import SequenceSampler, sample_batch
+
+    vocab = engine.model_config.vocab_size
+    samplers = [SequenceSampler(SamplingParams(max_tokens=steps, temperature=1.0, seed=i, grammar=grammar), [1], vocab, 0)
+                for i in range(rows)]
+    generator, times = torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        logits = torch.randn(rows, vocab, generator=generator)
+        start = time.perf_counter()
+        results = sample_batch(logits, samplers)
+        times.append(time.perf_counter() - start)
+        for sampler, result in zip(samplers, results):
+            sampler.append(result.token_id)
+    return statistics.median(times) * 1e3
 
 
 def compile_times(engine) -> dict[str, float]:
@@ -99,20 +122,31 @@ def main() -> None:
         try:
             prompts = make_prompts(engine.tokenizer, args.concurrency, 20)
             grammar = engine.grammars.compile(GrammarSpec.json_schema(ENDLESS, "bench"))
-            asyncio.run(concurrent_tok_s(engine, prompts[:2], 4, None, "warm"))
-            rates: dict[str, list[float]] = {"unconstrained": [], "json_schema": []}
-            for round_index in range(args.rounds):
+            if not args.sampler_only:
+                asyncio.run(concurrent_tok_s(engine, prompts[:2], 4, None, "warm"))
+            rates: dict[str, list[float]] = {"unconstrained": [float("nan")], "json_schema": [float("nan")]}
+            for round_index in range(0 if args.sampler_only else args.rounds):
+                if round_index == 0:
+                    rates = {"unconstrained": [], "json_schema": []}
                 order = [("unconstrained", None), ("json_schema", grammar)]
                 for name, each in order if round_index % 2 == 0 else order[::-1]:
                     rates[name].append(asyncio.run(concurrent_tok_s(engine, prompts, args.max_tokens, each, f"{name}-{round_index}")))
             times = compile_times(engine)
+            sampling = {"unconstrained": [], "json_schema": []}
+            for _ in range(3):
+                for name, each in (("unconstrained", None), ("json_schema", grammar)):
+                    sampling[name].append(run_in_fresh_thread(sampler_ms, engine, each, args.concurrency))
         finally:
             engine.shutdown()
     plain, constrained = (statistics.median(rates[k]) for k in ("unconstrained", "json_schema"))
     print(f"\n{machine()}; load average {os.getloadavg()[0]:.2f}")
-    print(f"{args.concurrency} concurrent x {args.max_tokens} tokens, {args.rounds} rounds (medians)")
-    print("| requests | tok/s |\n|---|---|")
-    print(f"| unconstrained | {plain:.1f} |\n| json_schema | {constrained:.1f} ({constrained / plain:.2f}x) |")
+    if not args.sampler_only:
+        print(f"{args.concurrency} concurrent x {args.max_tokens} tokens, {args.rounds} rounds (medians)")
+        print("| requests | tok/s |\n|---|---|")
+        print(f"| unconstrained | {plain:.1f} |\n| json_schema | {constrained:.1f} ({constrained / plain:.2f}x) |")
+    plain_ms, constrained_ms = (statistics.median(sampling[k]) for k in ("unconstrained", "json_schema"))
+    print(f"sampler alone, {args.concurrency} rows x {engine.model_config.vocab_size} vocab: {plain_ms:.1f} ms/step unconstrained, "
+          f"{constrained_ms:.1f} ms/step json_schema")
     print(f"llguidance tokenizer build: {times['tokenizer'] * 1e3:.0f} ms (once per model); schema compile: "
           f"cold {times['cold'] * 1e3:.1f} ms, cached {times['cached'] * 1e6:.1f} us")
 

@@ -107,7 +107,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for index, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append({"role": item.get("role", "user"), "content": item_text(item.get("content"), f"input[{index}].content")})
+            role = {"developer": "system"}.get(item.get("role", "user"), item.get("role", "user"))
+            messages.append({"role": role, "content": item_text(item.get("content"), f"input[{index}].content")})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}

@@ -25,7 +25,9 @@ Design choices:
   fragments concatenate to exactly the non-streamed arguments, and a
   parameterless tool gives "{}".
 - The same parser serves both: a non-streamed answer is the parser fed the
-  whole text at once.
+  whole text at once. A call cut off by max_tokens is not a call in a whole
+  answer (its raw text stays in the content, finish_reason "length"); a
+  stream has already sent its start and argument fragments.
 """
 
 from __future__ import annotations
@@ -201,8 +203,9 @@ class ToolCallParser:
     calls: int = 0  # calls started
     arguments_sent: int = -1  # characters of the current call's arguments emitted; -1: call not started
     head_length: int = 0  # length of '{"name":"...","arguments":' in pending
-    call_text: str = ""  # the whole current call (for the fallback when its head is not the usual one)
-    finished_calls: list[dict[str, Any]] = field(default_factory=list)  # {"id", "name", "arguments"}
+    current: dict[str, Any] | None = None  # the call being generated: {"id", "name", "arguments"}
+    finished_calls: list[dict[str, Any]] = field(default_factory=list)  # complete calls, in order
+    unfinished: str = ""  # at finish: the raw text of a call cut off before its end (max_tokens)
 
     def feed(self, text: str) -> list[Any]:
         self.pending += text
@@ -219,6 +222,8 @@ class ToolCallParser:
             events.append(TextEvent(self.pending))
         elif self.in_call and self.arguments_sent < 0:
             events.append(TextEvent(CALL_OPEN + self.pending))  # never became a call: it was text
+        elif self.in_call:
+            self.unfinished = CALL_OPEN + self.pending  # streamed as a call already; whole answers keep it as text
         self.pending = ""
         return events
 
@@ -280,11 +285,12 @@ class ToolCallParser:
 
     def _start_call(self, events: list[Any], name: str) -> None:
         events.append(CallStart(self.calls, new_call_id(), name))
-        self.finished_calls.append({"id": events[-1].call_id, "name": name, "arguments": ""})
+        self.current = {"id": events[-1].call_id, "name": name, "arguments": ""}
         self.calls += 1
 
     def _end_call(self, events: list[Any], arguments: str) -> None:
-        self.finished_calls[-1]["arguments"] = arguments
+        self.finished_calls.append({**self.current, "arguments": arguments})
+        self.current = None
         events.append(CallEnd(self.calls - 1))
         self.in_call, self.arguments_sent, self.head_length = False, -1, 0
 
@@ -321,10 +327,12 @@ def _json_value_end(text: str) -> int | None:
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """A whole answer -> (its text outside calls, [{"id", "name", "arguments" (raw JSON text)}])."""
+    """A whole answer -> (its text outside complete calls, [{"id", "name", "arguments" (raw JSON text)}]).
+
+    A call cut off by max_tokens is not a call: its raw text stays in the content."""
     parser = ToolCallParser()
     events = parser.feed(text) + parser.finish()
-    content = "".join(event.text for event in events if isinstance(event, TextEvent))
+    content = "".join(event.text for event in events if isinstance(event, TextEvent)) + parser.unfinished
     return content, parser.finished_calls
 
 
@@ -336,6 +344,7 @@ def with_tool_calls(make_object: Any) -> Any:
     def make(text: str, logprobs: Any, final: Any) -> Any:
         events = parser.feed(text) + (parser.finish() if final is not None else [])
         content = "".join(event.text for event in events if isinstance(event, TextEvent))
+        content += parser.unfinished if final is not None else ""  # a call cut off by num_predict: never sent as a call
         calls = [parser.finished_calls[event.index] for event in events if isinstance(event, CallEnd)]
         answer = make_object(content.strip() if parser.calls else content, logprobs, final)
         if calls:

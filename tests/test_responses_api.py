@@ -4,6 +4,7 @@ store + previous_response_id, GET and DELETE, and the typed SSE events."""
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import openai
@@ -46,7 +47,8 @@ def test_create_with_a_string_and_usage(client, long_model_dir):
 
 
 def test_stream_events_add_up_to_the_response(client, long_model_dir):
-    options = dict(model=long_model_dir.name, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+    options = dict(model=long_model_dir.name, input=[{"role": "developer", "content": "Be brief."},
+                                                     {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
                    max_output_tokens=8, temperature=0)
     whole = client.responses.create(**options)
     with client.responses.stream(**options) as stream:
@@ -117,3 +119,23 @@ def test_bad_requests_are_400s_naming_the_field(server, long_model_dir, body, pa
     with http_client(server.url) as http:
         response = http.post("/v1/responses", json={"model": long_model_dir.name, **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_the_store_is_bounded_by_count_and_age(tmp_path):
+    from server.response_store import ResponseStore
+
+    store = ResponseStore(tmp_path / "sub" / "responses.sqlite3", max_count=2, max_age_days=1)
+    for index in range(3):
+        store.put(f"resp_{index}", time.time() + index, {"id": f"resp_{index}"}, [{"role": "user", "content": str(index)}])
+    assert store.get("resp_0") is None  # the oldest beyond max_count went
+    assert store.get("resp_2") == ({"id": "resp_2"}, [{"role": "user", "content": "2"}])
+    store.put("resp_old", time.time() - 2 * 86400, {"id": "resp_old"}, [])
+    assert store.get("resp_old") is None and store.get("resp_1") is not None
+    assert store.delete("resp_1") and not store.delete("resp_1")
+
+
+def test_a_named_tool_choice_in_the_responses_shape(client, long_model_dir):
+    response = client.responses.create(model=long_model_dir.name, input="Weather?", tools=[WEATHER], temperature=0,
+                                       tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [call.name for call in calls] == ["get_weather"] and response.status == "completed"
