@@ -15,6 +15,9 @@ ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build: a virtual environment with torch, the dependencies, and Hearth itself ----
 FROM ${BASE_IMAGE} AS build
+# The classic builder keeps this stage as an untagged image: `docker image prune --filter
+# label=org.hearth.stage=build` removes it (scripts/docker-smoke.sh does).
+LABEL org.hearth.stage=build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG WHEEL_DIR=docker/wheels
