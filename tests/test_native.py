@@ -380,16 +380,18 @@ def run_steps(worker, seed: int) -> list[torch.Tensor]:
     return outputs
 
 
-def assert_native_decoder_matches_the_modules(model, seed: int) -> None:
+def assert_native_decoder_matches_the_modules(model, seed: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The one-call decoder and the FusedBlock modules over STEPS: the same hidden states and KV cache
+    (tests/test_native_fp32.py uses it for the fp32 path)."""
     import copy
 
     from server.engine.worker import ModelWorker
 
     in_one_call, as_modules = (ModelWorker(copy.deepcopy(model), 16, 16) for _ in range(2))
-    assert in_one_call.native_decoder is not None
+    assert in_one_call.native_decoder is not None and in_one_call.cache.keys.dtype == dtype
     as_modules.native_decoder = None
     for fast, reference in zip(run_steps(in_one_call, seed), run_steps(as_modules, seed)):
-        assert fast.dtype == torch.bfloat16 and fast.abs().max() > 1  # not vanishing activations
+        assert fast.dtype == dtype and fast.abs().max() > 1  # not vanishing activations
         # The same kernels in the same order; only silu's exp is not PyTorch's, which can move a
         # value on a bf16 rounding boundary by one step (none did for these seeds).
         assert torch.equal(fast, reference), (fast.float() - reference.float()).abs().max()

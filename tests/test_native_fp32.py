@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model import native
 from model.quant_kernels import quantize_int4, quantize_int8, unpack_nibbles
+from test_native import assert_native_decoder_matches_the_modules  # the same steps, in fp32 here
 
 FP32_PATHS = ("avx2", "neon")
 
@@ -232,45 +233,9 @@ def bf16_valued_tiny_model(tokenizer, seed: int):
     return model
 
 
-STEPS = [[(0, 20, [1, 2]), (0, 7, [3])], [(20, 1, [1, 2]), (7, 1, [3])], [(8, 1, [3]), (21, 3, [1, 2])]]
-
-
-def run_steps(worker, seed: int) -> list[torch.Tensor]:
-    from server.engine.kv_cache import SequenceChunk
-
-    generator, outputs = torch.Generator().manual_seed(seed), []
-    worker.cache.zero_blocks([1, 2, 3])
-    for step in STEPS:
-        chunks = [SequenceChunk(start, rows, blocks) for start, rows, blocks in step]
-        num_rows = sum(chunk.num_rows for chunk in chunks)
-        tokens = torch.randint(0, worker.model.config.vocab_size, (1, num_rows), generator=generator)
-        positions = torch.tensor([[c.start_position + i for c in chunks for i in range(c.num_rows)]])
-        worker.cache.metadata = worker.cache.build_metadata(chunks, num_rows)
-        with torch.inference_mode():
-            outputs.append(worker._hidden_states(tokens, positions))
-        worker.cache.metadata = None
-    return outputs
-
-
-def assert_native_decoder_matches_the_modules(model, seed: int) -> None:
-    import copy
-
-    from server.engine.worker import ModelWorker
-
-    in_one_call, as_modules = (ModelWorker(copy.deepcopy(model), 16, 16) for _ in range(2))
-    assert in_one_call.native_decoder is not None and in_one_call.cache.keys.dtype == torch.float32
-    as_modules.native_decoder = None
-    for fast, reference in zip(run_steps(in_one_call, seed), run_steps(as_modules, seed)):
-        assert fast.dtype == torch.float32 and fast.abs().max() > 1
-        assert torch.equal(fast, reference), (fast - reference).abs().max()  # the same kernels, the same order
-    used = 4 * 16
-    assert torch.equal(in_one_call.cache.keys[:, :, :used], as_modules.cache.keys[:, :, :used])
-    assert torch.equal(in_one_call.cache.values[:, :, :used], as_modules.cache.values[:, :, :used])
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_native_decoder_gives_the_modules_bits(tokenizer, seed):
-    assert_native_decoder_matches_the_modules(bf16_valued_tiny_model(tokenizer, seed), seed)
+    assert_native_decoder_matches_the_modules(bf16_valued_tiny_model(tokenizer, seed), seed, torch.float32)
 
 
 def test_native_decoder_takes_int8_and_int4_layers(tokenizer, tmp_path):
@@ -280,7 +245,7 @@ def test_native_decoder_takes_int8_and_int4_layers(tokenizer, tmp_path):
     save_checkpoint(tmp_path / "bf16", bf16_valued_tiny_model(tokenizer, 0).to(torch.bfloat16), tokenizer)
     for method, group_size in (("int8", None), ("int8", 32), ("int4", 32)):
         folder = quantize_checkpoint(tmp_path / "bf16", tmp_path / f"{method}-{group_size}", method, group_size).out
-        assert_native_decoder_matches_the_modules(load_checkpoint(folder, dtype=torch.float32).model, 0)
+        assert_native_decoder_matches_the_modules(load_checkpoint(folder, dtype=torch.float32).model, 0, torch.float32)
 
 
 def test_engine_dtype_auto_is_fp32_here_and_greedy_tokens_match_the_reference(tokenizer, tmp_path):

@@ -134,14 +134,6 @@ void hearth_linear_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w_packed
 #define TILE_ROWS 32
 #define TILE_VECS 4
 
-/* Stores a vector of outputs, only the first `left` when the tile passes N. */
-static inline void store_outputs(float *y, vf v, int64_t left) {
-    if (left >= 8) { vf_store(y, v); return; }
-    float lanes[8];
-    vf_store(lanes, v);
-    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
-}
-
 /* Vectors v0..v0 + nv - 1 of one tile against nr rows of X. Called with constants: the loops
  * unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void bf16_block(
@@ -169,14 +161,6 @@ static inline __attribute__((always_inline)) void bf16_block(
     for (int v = 0; v < nv; v++)
         for (int r = 0; r < nr; r++)
             store_outputs(y + r * ldy + 8 * (v0 + v), vf_add(even[v][r], odd[v][r]), num_out - 8 * (v0 + v));
-}
-
-/* Tiles in one thread's block: one for a few rows (no reuse to gain, an even split of the
- * tiles); for more, as many as fit ~256 KB, so the block stays in L2 while every 4 rows of X meet it. */
-static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
-    if (m_size <= 4) return 1;
-    const int64_t tiles = (256 << 10) / tile_bytes;
-    return tiles > 1 ? tiles : 1;
 }
 
 void hearth_linear_bf16(const float *x, int64_t ldx, const uint32_t *w_packed, float *y, int64_t ldy,

@@ -175,13 +175,6 @@ int hearth_linear_int4(const uint16_t *x, int64_t ldx, const uint8_t *w_packed, 
 #define TILE_ROWS 32
 #define TILE_VECS 4
 
-static inline void store_outputs(float *y, vf v, int64_t left) {
-    if (left >= 8) { vf_store(y, v); return; }
-    float lanes[8];
-    vf_store(lanes, v);
-    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
-}
-
 static inline int64_t group_bytes(int64_t group_size) { return group_size / 8 * TILE_ROWS * 4 + TILE_ROWS * 4; }
 
 /* Vectors v0..v0 + nv - 1 of one tile against nr rows of X (constants: unrolled, in registers). */
@@ -234,12 +227,6 @@ static void group_sums(const float *x, int64_t ldx, int64_t m_size, int64_t num_
             for (int64_t k = 0; k < group_size; k += 8) total = vf_add(total, vf_load(x + m * ldx + g * group_size + k));
             sums[m * num_groups + g] = vf_sum(total);
         }
-}
-
-static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
-    if (m_size <= 4) return 1;
-    const int64_t tiles = (256 << 10) / tile_bytes;
-    return tiles > 1 ? tiles : 1;
 }
 
 /* Returns 0, -1 when out of memory, -2 when group_size is not a multiple of 32 dividing K. */

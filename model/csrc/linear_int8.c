@@ -148,13 +148,6 @@ int hearth_linear_int8(const uint16_t *x, int64_t ldx, const int8_t *w_packed, c
 #define TILE_ROWS 32
 #define TILE_VECS 4
 
-static inline void store_outputs(float *y, vf v, int64_t left) {
-    if (left >= 8) { vf_store(y, v); return; }
-    float lanes[8];
-    vf_store(lanes, v);
-    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
-}
-
 /* Vectors v0..v0 + nv - 1 of one tile against nr rows of X (constants: unrolled, in registers). */
 static inline __attribute__((always_inline)) void int8_block(
     const int nv, const int nr, const float *x, int64_t ldx, const int8_t *w, const float *scales, const int v0,
@@ -183,12 +176,6 @@ static inline __attribute__((always_inline)) void int8_block(
     }
     for (int v = 0; v < nv; v++)
         for (int r = 0; r < nr; r++) store_outputs(y + r * ldy + 8 * (v0 + v), acc[v][r], num_out - 8 * (v0 + v));
-}
-
-static int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
-    if (m_size <= 4) return 1;
-    const int64_t tiles = (256 << 10) / tile_bytes;
-    return tiles > 1 ? tiles : 1;
 }
 
 /* group_size 0 means one scale per output row. Returns 0, or -2 when K or the group size is odd

@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef uint16_t act_t; /* bf16 */
+#define HEAD_DIM_MULTIPLE 16
 #define MAX_HEAD_DIM 256
 
 static inline float round_bf16(float value) { return bf16_to_float(to_bf16(value)); }
@@ -75,41 +77,6 @@ static void attend_one(const uint16_t *q, const uint16_t *keys, const uint16_t *
     }
 }
 
-/* q: [rows] x [n_heads] x head_dim (strides q_row, q_head; head_dim contiguous).
- * keys, values: this layer's [n_kv_heads][slots][head_dim]; kv_head_stride = slots * head_dim.
- * Row r sees positions 0..positions[r] through block_ids[table_offsets[r]...].
- * out: [rows][n_heads][head_dim], contiguous. Returns 0, or -1 when out of memory. */
-int hearth_paged_attention(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *keys,
-                           const uint16_t *values, int64_t kv_head_stride, const int32_t *block_ids,
-                           const int64_t *table_offsets, const int32_t *positions, uint16_t *out, int64_t num_rows,
-                           int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int num_threads) {
-    if (head_dim % 16 || head_dim > MAX_HEAD_DIM) return -2;
-    int64_t max_keys = 1;
-    for (int64_t r = 0; r < num_rows; r++) max_keys = positions[r] + 1 > max_keys ? positions[r] + 1 : max_keys;
-    const int group = n_heads / n_kv_heads;
-    int failed = 0;
-    #pragma omp parallel num_threads(num_threads)
-    {
-        float *scores = aligned_alloc(64, (size_t)((max_keys + 16) * sizeof(float) + 63) / 64 * 64);
-        if (!scores) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t r = 0; r < num_rows; r++) {
-            for (int h = 0; h < n_heads; h++) {
-                if (!scores) continue;
-                const int64_t kv = h / group;
-                attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
-                           block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
-                           scores, out + (r * n_heads + h) * head_dim);
-            }
-        }
-        free(scores);
-    }
-    return failed ? -1 : 0;
-}
-
 /* Rotary embedding on the q and k heads of a qkv projection, in place, then k and v into the cache.
  *
  * qkv: [rows][(n_heads + 2 n_kv_heads) * head_dim] bf16, row stride ld (q heads, k heads, v heads);
@@ -151,6 +118,8 @@ void hearth_rope_write_kv(uint16_t *qkv, int64_t ld, const uint16_t *cos, const 
 #include <math.h>
 #include <stdlib.h>
 
+typedef float act_t;
+#define HEAD_DIM_MULTIPLE 8
 #define MAX_HEAD_DIM 256
 
 /* One (row, head), as the AVX-512 path: q . k in 8-lane fused multiply-adds over head_dim then
@@ -189,40 +158,6 @@ static void attend_one(const float *q, const float *keys, const float *values, c
     for (int c = 0; c < chunks; c++) vf_store(out + 8 * c, vf_mul(acc[c], inverse));
 }
 
-/* As the AVX-512 path's, in fp32: q [rows][n_heads][head_dim] (strides q_row, q_head), keys and
- * values [n_kv_heads][slots][head_dim], out [rows][n_heads][head_dim]. head_dim a multiple of 8.
- * Returns 0, -1 when out of memory, -2 for a head_dim it cannot take. */
-int hearth_paged_attention(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
-                           int64_t kv_head_stride, const int32_t *block_ids, const int64_t *table_offsets,
-                           const int32_t *positions, float *out, int64_t num_rows, int n_heads, int n_kv_heads,
-                           int head_dim, int block_size, float scale, int num_threads) {
-    if (head_dim % 8 || head_dim > MAX_HEAD_DIM) return -2;
-    int64_t max_keys = 1;
-    for (int64_t r = 0; r < num_rows; r++) max_keys = positions[r] + 1 > max_keys ? positions[r] + 1 : max_keys;
-    const int group = n_heads / n_kv_heads;
-    int failed = 0;
-    #pragma omp parallel num_threads(num_threads)
-    {
-        float *scores = malloc((size_t)(max_keys + 8) * sizeof(float));
-        if (!scores) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t r = 0; r < num_rows; r++) {
-            for (int h = 0; h < n_heads; h++) {
-                if (!scores) continue;
-                const int64_t kv = h / group;
-                attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
-                           block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
-                           scores, out + (r * n_heads + h) * head_dim);
-            }
-        }
-        free(scores);
-    }
-    return failed ? -1 : 0;
-}
-
 /* Rotary embedding on the q and k heads of qkv (fp32, row stride ld), in place, then k and v into
  * the cache, as the AVX-512 path; cos, sin: [rows][head_dim] fp32. x' = x * cos + rotate_half(x) * sin
  * with each product and the sum rounded once (no fused multiply-add), as model.decoder.apply_rope
@@ -253,3 +188,39 @@ void hearth_rope_write_kv(float *qkv, int64_t ld, const float *cos, const float 
     }
 }
 #endif
+
+/* Both paths: q: [rows] x [n_heads] x head_dim (strides q_row, q_head; head_dim contiguous).
+ * keys, values: this layer's [n_kv_heads][slots][head_dim]; kv_head_stride = slots * head_dim.
+ * Row r sees positions 0..positions[r] through block_ids[table_offsets[r]...].
+ * out: [rows][n_heads][head_dim], contiguous; all in act_t. Returns 0, -1 when out of memory, -2 when
+ * head_dim is not a multiple of HEAD_DIM_MULTIPLE (16 bf16, 8 fp32) or is over MAX_HEAD_DIM. */
+int hearth_paged_attention(const act_t *q, int64_t q_row, int64_t q_head, const act_t *keys,
+                           const act_t *values, int64_t kv_head_stride, const int32_t *block_ids,
+                           const int64_t *table_offsets, const int32_t *positions, act_t *out, int64_t num_rows,
+                           int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int num_threads) {
+    if (head_dim % HEAD_DIM_MULTIPLE || head_dim > MAX_HEAD_DIM) return -2;
+    int64_t max_keys = 1;
+    for (int64_t r = 0; r < num_rows; r++) max_keys = positions[r] + 1 > max_keys ? positions[r] + 1 : max_keys;
+    const int group = n_heads / n_kv_heads;
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = aligned_alloc(64, (size_t)((max_keys + 16) * sizeof(float) + 63) / 64 * 64);
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t r = 0; r < num_rows; r++) {
+            for (int h = 0; h < n_heads; h++) {
+                if (!scores) continue;
+                const int64_t kv = h / group;
+                attend_one(q + r * q_row + h * q_head, keys + kv * kv_head_stride, values + kv * kv_head_stride,
+                           block_ids + table_offsets[r], (int64_t)positions[r] + 1, head_dim, block_size, scale,
+                           scores, out + (r * n_heads + h) * head_dim);
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

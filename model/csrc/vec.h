@@ -133,6 +133,24 @@ static inline vf vi_nibble(vi w, int j) {
 #error "vec.h needs AVX2 + FMA or NEON"
 #endif
 
+/* Stores a vector of outputs, only the first `left` when a tile passes N (the linears' lanes are
+ * output rows). */
+static inline void store_outputs(float *y, vf v, int64_t left) {
+    if (left >= 8) { vf_store(y, v); return; }
+    float lanes[8];
+    vf_store(lanes, v);
+    for (int64_t i = 0; i < left; i++) y[i] = lanes[i];
+}
+
+/* Tiles in one thread's block of a linear: one for a few rows (no reuse to gain, an even split of
+ * the tiles); for more, as many as fit ~256 KB, so the block stays in L2 while every 4 rows of X
+ * meet it. */
+static inline int64_t tiles_per_block(int64_t m_size, int64_t tile_bytes) {
+    if (m_size <= 4) return 1;
+    const int64_t tiles = (256 << 10) / tile_bytes;
+    return tiles > 1 ? tiles : 1;
+}
+
 /* exp(x) for x <= 0: 2^n * e^f with n = round(x / ln 2) and f = x - n ln 2 (ln 2 in two parts,
  * Cody and Waite, so f stays exact for large |x|), |f| <= 0.35, e^f by a degree-6 polynomial
  * (relative error ~2e-7); x clamped at -87 so 2^n stays a normal number (exp(-87) ~ 1.6e-38: what
