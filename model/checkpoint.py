@@ -16,8 +16,9 @@ Design choices:
 - Every problem is a `CheckpointError` naming the file: missing, not JSON,
   truncated safetensors, a tensor missing, or a shape that disagrees with
   config.json (expected vs found).
-- Saves write a temp folder beside the target and rename it into place, so a
-  save killed half-way leaves the previous checkpoint intact.
+- Saves write a temp folder beside the target and swap it into place
+  (model/folder_swap.py: one atomic exchange on Linux), so a save killed at
+  any instant leaves a complete checkpoint, the previous one or the new.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.decoder import Transformer, rope_inverse_frequencies
 from model.errors import CheckpointError, HearthError
+from model.folder_swap import write_folder_atomically  # noqa: F401  (re-exported: trainer/lora.py)
 from model.tokenizer import Tokenizer, TokenizerInfo
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, CARD_FILE = "config.json", "model.safetensors", "tokenizer.json", "README.md"
@@ -195,28 +197,6 @@ def save_checkpoint(
             writer(tmp / name)
 
     return write_folder_atomically(folder, write)
-
-
-def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a fresh temp folder beside `folder`, then swap it into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for file in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -32,6 +32,7 @@ from model.chat import encode_chat
 from server.engine.types import InvalidRequestError
 from server.generation import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
+from server.memory import start_trimming, stop_trimming, tune_malloc
 from server.openapi import install_openapi
 from server.ops import install_ops
 from server.registry import ModelRegistry
@@ -58,15 +59,19 @@ def create_app(
         registry = ModelRegistry.from_entries(settings.model_entries())
     engine_settings = settings.model_dump(exclude={"api_key"})
 
+    tune_malloc()  # before the engine threads exist: flat RSS under load (server/memory.py)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(registry.load_all(engine_settings, on_load_failure))
+        trimmer = start_trimming()
         try:
             yield
         finally:
             loader.cancel()
             with suppress(asyncio.CancelledError):
                 await loader
+            await stop_trimming(trimmer)
             registry.shutdown()
 
     app = FastAPI(title="Hearth", version=HEARTH_VERSION, lifespan=lifespan)

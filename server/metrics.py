@@ -20,7 +20,8 @@ Design choices:
   outputs, split evenly over the tokens a choice gained in that output.
 - Queue depth, running requests, KV blocks and prefix-cache hits are read
   from `engine.stats()` when Prometheus scrapes (a custom collector), so they
-  cost nothing between scrapes and are never stale.
+  cost nothing between scrapes and are never stale; so is the number of
+  asyncio tasks alive (a leak of per-request tasks shows there first).
 - The access log is one JSON object per request on the `hearth.access`
   logger: request id (the client's `X-Request-Id` or a fresh one, echoed back),
   method, path, status, model, token counts and timings. The stream wrapper
@@ -135,6 +136,9 @@ class _EngineStatsCollector:
             "hits": CounterMetricFamily("hearth_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                                         labels=["model"]),
         }
+        tasks = GaugeMetricFamily("hearth_event_loop_tasks", "asyncio tasks alive in the server's event loop")
+        tasks.add_metric([], _event_loop_tasks())
+        yield tasks
         engines = {name: engine for source in self.sources for name, engine in source().items()}
         for name, engine in engines.items():
             stats = engine.stats()
@@ -144,6 +148,14 @@ class _EngineStatsCollector:
             families["free"].add_metric([name], stats.kv_blocks_total - stats.kv_blocks_used)
             families["hits"].add_metric([name], stats.prefix_cache_hit_tokens)
         yield from families.values()
+
+
+def _event_loop_tasks() -> int:
+    """Tasks of the running loop (scrapes run on it); 0 when collected outside one."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 class MeteredEngine:
