@@ -1,8 +1,7 @@
 """Hearth's engine against llama.cpp's `llama-bench` on the `small` shape, interleaved in one run.
 
     python bench/bench_vs_llamacpp.py --llama-bench ~/llama.cpp/build/bin/llama-bench \
-        --gguf bf16=small-f16.gguf,int8=small-q8_0.gguf,int4=small-q4_0.gguf \
-        [--pair weights/smollm2=SmolLM2-135M-Instruct.Q4_1.gguf] [--isa avx2]
+        --gguf bf16=small-f16.gguf,int8=small-q8_0.gguf,int4=small-q4_0.gguf [--isa avx2]
 
 llama.cpp is not part of Hearth: build it yourself and convert a model of the same shape
 (hidden 768, 12 layers, 12 heads, FFN 3072, vocab 32000, untied; random weights are fine,
@@ -13,10 +12,9 @@ int8 / Q8_0, int4 g32 / Q4_0): the engine in-process on random `small` weights (
 decoding `--max-tokens` tokens after a short prompt, then one `--prefill-tokens` prompt),
 then `llama-bench -t THREADS -p PREFILL -n TOKENS -fa 1 -r 1` on the GGUF file. Rounds
 alternate the two systems, so a noisy neighbour hits both; the table gives the median of
-the rounds and the ratio. `--pair DIR=FILE` adds a Hearth checkpoint (say, a GGUF file imported
-with `hearth import-gguf`) against llama.cpp on that GGUF file. `--isa` forces Hearth's native
-path (HEARTH_NATIVE_ISA: an AVX-512 machine can measure its AVX2 path; build llama.cpp for the
-same ISA then). One engine is alive at a time (each engine thread owns an OpenMP
+the rounds and the ratio. `--isa` forces Hearth's native path (HEARTH_NATIVE_ISA: an AVX-512
+machine can measure its AVX2 path; build llama.cpp for the same ISA then). A real GGUF file
+against llama.cpp on the same file: bench/bench_gguf.py. One engine is alive at a time (each engine thread owns an OpenMP
 team; two would slow each other, see README). Not a test; nothing asserts.
 """
 
@@ -45,21 +43,15 @@ LLAMA_NAMES = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-bench", required=True, type=Path, help="path to llama.cpp's llama-bench binary")
-    parser.add_argument("--gguf", default="", help="comma-separated FORMAT=FILE, FORMAT one of bf16, int8, int4")
+    parser.add_argument("--gguf", required=True, help="comma-separated FORMAT=FILE, FORMAT one of bf16, int8, int4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pair", action="append", default=[], help="DIR=FILE: a Hearth checkpoint against a GGUF file")
     parser.add_argument("--isa", choices=["avx512bf16", "avx2", "neon", "off"], help="force Hearth's native path")
     args = parser.parse_args()
-    args.files, args.pairs = {}, {}
-    for item in args.pair:
-        folder, _, path = item.partition("=")
-        if not (Path(folder) / "config.json").is_file() or not Path(path).is_file():
-            parser.error(f"--pair: {item!r} is not DIR=FILE with a checkpoint folder and an existing GGUF file")
-        args.pairs[Path(folder).name] = (Path(folder), Path(path))
-    for item in filter(None, args.gguf.split(",")):
+    args.files = {}
+    for item in args.gguf.split(","):
         name, _, path = item.partition("=")
         if name not in LLAMA_NAMES or not Path(path).is_file():
             parser.error(f"--gguf: {item!r} is not FORMAT=FILE with FORMAT in {', '.join(LLAMA_NAMES)} and an existing file")
@@ -110,23 +102,23 @@ def main() -> None:
         native.forget_kernels()
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}", flush=True)
-    results = {name: {"hearth": [], "llama": []} for name in [*args.files, *args.pairs]}
+    results = {name: {"hearth": [], "llama": []} for name in args.files}
     with tempfile.TemporaryDirectory(prefix="hearth-vs-llama-") as tmp:
-        source = run_in_fresh_thread(build_random_small, Path(tmp)) if args.files else None
+        source = run_in_fresh_thread(build_random_small, Path(tmp))
         checkpoints = {"bf16": source}
         for name in args.files:
             if name in QUANTIZED:
                 from model.quant import quantize_checkpoint
 
                 checkpoints[name] = run_in_fresh_thread(quantize_checkpoint, source, Path(tmp) / name, *QUANTIZED[name]).out
-        runs = {name: (checkpoints[name], gguf) for name, gguf in args.files.items()} | args.pairs
+        runs = {name: (checkpoints[name], gguf) for name, gguf in args.files.items()}
         for round_index in range(args.rounds):
             for name, (checkpoint, gguf) in runs.items():
                 results[name]["hearth"].append(hearth_round(checkpoint, args))
                 results[name]["llama"].append(llama_round(gguf, args))
                 hearth, llama = results[name]["hearth"][-1], results[name]["llama"][-1]
                 print(f"round {round_index + 1} {name}: hearth decode {hearth[0]:.1f} prefill {hearth[1]:.0f} | "
-                      f"llama.cpp {LLAMA_NAMES.get(name, gguf.name)} tg {llama[0]:.1f} pp {llama[1]:.0f}", flush=True)
+                      f"llama.cpp {LLAMA_NAMES[name]} tg {llama[0]:.1f} pp {llama[1]:.0f}", flush=True)
     print_table(results, args)
 
 
@@ -137,7 +129,7 @@ def print_table(results: dict, args) -> None:
     for name, runs in results.items():
         hearth = [statistics.median(values) for values in zip(*runs["hearth"])]
         llama = [statistics.median(values) for values in zip(*runs["llama"])]
-        print(f"| {name} / {LLAMA_NAMES.get(name, args.pairs.get(name, (None, Path('?')))[1].name)} | {hearth[0]:.1f} | {llama[0]:.1f} | {hearth[0] / llama[0]:.2f} | "
+        print(f"| {name} / {LLAMA_NAMES[name]} | {hearth[0]:.1f} | {llama[0]:.1f} | {hearth[0] / llama[0]:.2f} | "
               f"{hearth[1]:.0f} | {llama[1]:.0f} | {hearth[1] / llama[1]:.2f} |")
     print(f"\n{machine()}; medians of {args.rounds} interleaved rounds")
 
