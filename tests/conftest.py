@@ -50,3 +50,22 @@ def long_model_dir(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt-long") / "tiny-long"
     save_checkpoint(path, make_tiny_model(tokenizer, max_seq_len=2048), tokenizer)
     return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """A module's running `hearth serve` app on the tiny model (tests/server_fixtures.py); modules that need
+    other settings define their own `server`."""
+    from tests.server_fixtures import running_server
+
+    with running_server(tiny_model_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client for the module's `server`."""
+    from tests.server_fixtures import http_client
+
+    with http_client(server.url) as client:
+        yield client

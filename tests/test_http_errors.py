@@ -22,7 +22,6 @@ from server.settings import load_settings
 from tests.server_fixtures import (
     NODELAY,
     TEST_ENGINE_SETTINGS,
-    http_client,
     openai_client,
     running_server,
     serve_app,
@@ -36,11 +35,6 @@ MAX_BODY = 65536
 def server(tiny_model_dir):
     with running_server(tiny_model_dir, max_body_bytes=MAX_BODY) as running:
         yield running
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as client:
-        yield client
 
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from model import native
 from model.quant_kernels import quantize_int4, quantize_int8, unpack_nibbles
-from test_native import assert_native_decoder_matches_the_modules  # the same steps, in fp32 here
+from test_native import assert_native_decoder_matches_the_modules, run_rows  # the same steps, in fp32 here
 
 FP32_PATHS = ("avx2", "neon")
 
@@ -145,15 +145,6 @@ def paged_setup(num_heads=4, num_kv_heads=2, head_dim=32, block_size=4, num_bloc
         num_kv_heads, num_blocks * block_size, head_dim, seed=seed + 1)
     order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1
     return keys, values, [order[:18].tolist(), order[18:36].tolist()]
-
-
-def run_rows(q, keys, values, rows, block_size, scale):
-    block_ids, offsets = [], []
-    for table, _ in rows:
-        offsets.append(len(block_ids))
-        block_ids += table
-    return native.paged_attention(q, keys, values, torch.tensor(block_ids, dtype=torch.int32), torch.tensor(offsets),
-                                  torch.tensor([p for _, p in rows], dtype=torch.int32), block_size, scale)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 32), (4, 4, 8), (3, 1, 64)])

@@ -8,22 +8,12 @@ import ollama
 import pytest
 
 from model.chat import encode_chat
-from tests.server_fixtures import http_client, ollama_client, reference_tokens, running_server
+from tests.server_fixtures import ollama_client, reference_tokens
 
 MESSAGES = [{"role": "user", "content": "What is a hood?"}]
 # Greedy and no repeat penalty (Ollama's default is 1.1), so answers can be checked against the reference.
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 8}
 
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with running_server(tiny_model_dir) as running:
-        yield running
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as client:
-        yield client
 
 
 

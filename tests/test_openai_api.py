@@ -15,20 +15,10 @@ import openai
 import pytest
 
 from model.chat import encode_chat
-from tests.server_fixtures import async_openai_client, http_client, openai_client, reference_tokens, running_server
+from tests.server_fixtures import async_openai_client, openai_client, reference_tokens
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a hood?"}]
 
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with running_server(tiny_model_dir) as running:
-        yield running
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as client:
-        yield client
 
 
 

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server_fixtures import http_client, ollama_client, openai_client, running_server
+from tests.server_fixtures import ollama_client, openai_client
 
 MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
 
@@ -30,16 +30,6 @@ PET_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLe
               "required": ["name", "legs"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with running_server(tiny_model_dir) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as client:
-        yield client
 
 
 def test_openai_parse_with_a_pydantic_model(server, tiny_model_dir):

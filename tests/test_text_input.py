@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.text_rules import first_surrogate, unencodable_text_path
-from tests.server_fixtures import http_client, running_server
 
 Body = Callable[[str, str], dict[str, Any]]  # (model id, text) -> a request body with `text` in one field
 
@@ -72,16 +71,6 @@ TEXT_FIELDS: list[tuple[str, str, Body]] = [
 FIELD_IDS = [f"{route}:{param}" + (":raw" if "raw" in str(body("m", "t")) else "") for route, param, body in TEXT_FIELDS]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with running_server(tiny_model_dir) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as client:
-        yield client
 
 
 def post_raw_json(http, route: str, body: dict[str, Any]):

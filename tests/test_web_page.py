@@ -14,7 +14,6 @@ import shutil
 import httpx
 import pytest
 
-from tests.server_fixtures import running_server
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -32,11 +31,6 @@ pytestmark = pytest.mark.skipif(
     reason="no Chromium binary found (apt-get install -y chromium, or set HEARTH_CHROMIUM=/path/to/chrome)",
 )
 
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    with running_server(tiny_model_dir) as running:  # the real app and engine, as `hearth serve` runs them
-        yield running
 
 
 @pytest.fixture(scope="module")
