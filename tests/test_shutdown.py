@@ -19,9 +19,17 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# `hearth serve` with every engine step STEP_SLEEP seconds longer (30 ms: 200 tokens take > 6 s).
+# `hearth serve` with every engine step STEP_SLEEP seconds longer (30 ms: 200 tokens take > 6 s), and no
+# stop tokens: the Ollama routes have no ignore_eos, and a random model's EOS (sampled at Ollama's default
+# temperature) would end their streams before the shutdown timeout does.
 SLOW_SERVE = """
 import os, sys, time
+from model import tokenizer
+init = tokenizer.Tokenizer.__init__
+def init_without_stops(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.stop_ids = []
+tokenizer.Tokenizer.__init__ = init_without_stops
 from server.engine import worker
 execute = worker.ModelWorker.execute
 def slow_execute(self, output):
