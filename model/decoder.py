@@ -173,6 +173,10 @@ class Transformer(nn.Module):
         """tokens, positions: [B, T] -> logits [B, T, vocab_size]."""
         return self.lm_head(self.hidden_states(tokens, positions, cache))
 
+    def loss_hidden_states(self, tokens: Tensor) -> Tensor:
+        """Training's hidden states [B, T, dim] for rows starting at position 0 (no cache)."""
+        return self.hidden_states(tokens)
+
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """GPT-2-style init: N(0, 0.02), residual outputs scaled by 1/sqrt(2*n_layers)."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -286,3 +286,37 @@ def test_fused_training_model_matches_reference(tokenizer):
     tokens = torch.randint(0, tokenizer.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_at_masked_positions_equals_full_logits_loss(tokenizer, fused):
+    """The head runs only where targets carry loss; loss and gradients match the full-logits path."""
+    from trainer.loop import IGNORE_INDEX, token_loss_sum
+    from trainer.sft import fused_training_model
+
+    model = make_tiny_model(tokenizer).train()
+    model = fused_training_model(model) if fused else model
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=generator)
+    targets = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=generator)
+    targets[:, :10] = IGNORE_INDEX  # a masked prompt
+
+    class Wrapper(torch.nn.Module):  # like DDP: only forward is visible
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens):
+            return self.inner(tokens)
+
+    def loss_and_grads(module):
+        model.zero_grad()
+        loss = token_loss_sum(module, inputs, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    masked_loss, masked_grads = loss_and_grads(model)
+    full_loss, full_grads = loss_and_grads(Wrapper(model))
+    torch.testing.assert_close(masked_loss, full_loss, rtol=1e-5, atol=1e-5)
+    for masked, full in zip(masked_grads, full_grads):
+        torch.testing.assert_close(masked, full, rtol=1e-4, atol=1e-6)

@@ -53,6 +53,9 @@ class TrainingTransformer(Transformer):
             return super().forward(tokens, positions, cache)
         return self.lm_head(self._fused_hidden_states(tokens))
 
+    def loss_hidden_states(self, tokens: Tensor) -> Tensor:
+        return self._fused_hidden_states(tokens)
+
     def _rope_table(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin for positions 0..seq_len-1: [1, 1, T, head_dim], cached (they never change)."""
         dtype = self.embed.weight.dtype

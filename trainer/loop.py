@@ -150,11 +150,29 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2 gathers the root's weights in a forward hook, so only `model(...)` may run it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def token_loss_sum(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Sum of next-token cross-entropy over the targets that are not -100."""
-    logits = model(inputs)  # [B, T, vocab]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    """Sum of next-token cross-entropy over the targets that are not -100.
+
+    A model with `loss_hidden_states` (Hearth's decoder itself, not a DDP or
+    FSDP wrapper, whose forward must run for gradient sync) gets its LM head
+    applied only at the positions that carry loss: SFT masks the system and
+    user turns, and for a large vocabulary the head is the biggest matmul.
+    """
+    hidden_states = getattr(model, "loss_hidden_states", None)
+    if hidden_states is None or is_sharded(model):
+        logits = model(inputs)  # [B, T, vocab]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    keep = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden_states(inputs)[keep])  # [loss tokens, vocab]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 @torch.no_grad()
