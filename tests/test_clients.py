@@ -1,6 +1,6 @@
 """`hearth chat` and `hearth bench` as a new user meets them.
 
-`hearth chat` runs against the shipped default model (weights/default, a
+`hearth chat` runs against the shipped from-scratch model (weights/wordnet-mini, a
 512-token context) as `make serve` serves it: piped, and in a pseudo-terminal
 (its interactive path: prompt, stats line, Ctrl-D). `hearth bench` runs
 against a stand-in ASGI server that records what each request carried and
@@ -24,12 +24,12 @@ import pytest
 from tests.server_fixtures import running_server, serve_app
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ROOT / "weights" / "default"
+MINI = ROOT / "weights" / "wordnet-mini"  # a 512-token context: the long-conversation tests need one
 
 
 @pytest.fixture(scope="module")
 def default_server():
-    with running_server(DEFAULT, dtype="auto") as running:  # as `make serve` runs it
+    with running_server(MINI, dtype="auto") as running:
         yield running
 
 
@@ -43,8 +43,8 @@ def run_cli(argv: list[str], stdin: str, monkeypatch, capsys) -> tuple[int, str,
     return code, captured.out, captured.err
 
 
-def test_first_message_to_the_default_model_is_answered(default_server, monkeypatch, capsys):
-    """It was a 400: max_tokens 512 by default, the whole context of the default model."""
+def test_first_message_is_answered(default_server, monkeypatch, capsys):
+    """It was a 400: max_tokens 512 by default, the whole context of this model."""
     code, out, err = run_cli(["chat", "--url", default_server.url, "--temperature", "0"],
                              'What does "river" mean?\n', monkeypatch, capsys)
     assert code == 0 and err == "", err

@@ -1,7 +1,10 @@
-"""The bundled default model: served out of the box, it answers, and its card's figures hold.
+"""The default model: built from the shipped adapter, served out of the box, and its card's figures hold.
 
-`weights/default` is committed to the repository (scripts/train-default-model.sh
-rebuilds it), so these tests need neither the network nor ../shared: the eval
+`weights/default` is SmolLM2-135M-Instruct with the fine-tune in
+`weights/default-lora` merged and quantized (scripts/default_model/build.py;
+`make test` builds it first, from the GGUF file scripts/fetch-smollm2.sh
+fetches). Where the folder is not built yet, the module builds it (seconds)
+if the GGUF file is present, and is skipped, saying so, if it is not. The eval
 slice is a fixture cut from the validation chats, and the card records the
 figure `hearth eval` gave on exactly that slice.
 """
@@ -10,39 +13,64 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from model.checkpoint import load_checkpoint
 from server_fixtures import http_client, running_server
-from cli.main import main
 
-DEFAULT = Path(__file__).resolve().parents[1] / "weights" / "default"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT, LORA = ROOT / "weights" / "default", ROOT / "weights" / "default-lora"
+GGUF_FILE = ROOT / "weights" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SLICE = Path(__file__).parent / "fixtures" / "wordnet_chat_valid_slice.jsonl"
+BUILD = [sys.executable, str(ROOT / "scripts" / "default_model" / "build.py")]
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server(DEFAULT, dtype="auto") as running:  # as `make serve` runs it
+def built() -> Path:
+    if not (DEFAULT / "model.safetensors").is_file():
+        if not GGUF_FILE.is_file():
+            pytest.skip(f"{GGUF_FILE} is absent: run `make default` (it fetches SmolLM2 and builds weights/default)")
+        subprocess.run([*BUILD, "--gguf", str(GGUF_FILE), "--out", str(DEFAULT)], check=True, cwd=ROOT)
+    return DEFAULT
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    with running_server(built, dtype="auto") as running:  # as `make serve` runs it
         yield running
 
 
 def card_figure(label: str) -> float:
-    """The number in the model card's table row that starts with `label`."""
+    """The first number in the model card's table row that starts with `label`."""
     card = (DEFAULT / "README.md").read_text()
-    match = re.search(rf"^\| {re.escape(label)}[^|]*\| ([0-9.]+) \|", card, flags=re.MULTILINE)
+    match = re.search(rf"^\| {re.escape(label)}[^|]*\| ([0-9.]+)", card, flags=re.MULTILINE)
     assert match, f"row {label!r} not found in {DEFAULT / 'README.md'}"
     return float(match.group(1))
 
 
-def test_default_model_is_small_int8_and_has_a_card():
-    checkpoint = load_checkpoint(DEFAULT)
-    size = sum(path.stat().st_size for path in DEFAULT.iterdir() if path.is_file())
-    assert size <= 30e6
-    assert checkpoint.quantization["method"] == "int8"
+def ask(server, question: str, max_tokens: int = 96) -> dict:
+    body = {"model": "default", "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": question}]}
+    with http_client(server.url) as client:
+        return client.post("/v1/chat/completions", json=body).json()["choices"][0]
+
+
+def test_repository_ships_a_small_adapter_and_the_card():
+    assert sum(path.stat().st_size for path in LORA.iterdir()) <= 12e6
     card = (DEFAULT / "README.md").read_text()
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in card
+    assert "SmolLM2-135M-Instruct" in card and "Apache-2.0" in card
+
+
+def test_built_default_is_int8_smollm2(built):
+    checkpoint = load_checkpoint(built)
+    assert checkpoint.quantization["method"] == "int8"
+    assert checkpoint.config.n_layers == 30 and checkpoint.config.vocab_size == 49152
 
 
 # WordNet 3.0's first sense of "happy" (adjective), and its words that carry meaning.
@@ -50,18 +78,11 @@ FIRST_SENSE_OF_HAPPY = "enjoying or showing or marked by joy or pleasure"
 FIRST_SENSE_WORDS = set(FIRST_SENSE_OF_HAPPY.split()) - {"or", "by"}
 
 
-def test_served_as_default_and_answers_about_the_word_asked(server):
-    """The served model answers in the dictionary form it was fine-tuned on, about the word asked:
-    the word, its part of speech, and at least one word of WordNet's first sense.
-
-    The last is a low bar, and this model clears it through the adjective template it learnt ("having or
-    showing ..."), not by knowing what "happy" means: its card reports token F1 against WordNet's answers.
-    """
+def test_served_as_default_and_answers_a_definition_in_dictionary_form(server):
+    """The word, its part of speech, and at least one word of WordNet's first sense."""
     with http_client(server.url) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["default"]
-        body = {"model": "default", "temperature": 0, "max_tokens": 64,
-                "messages": [{"role": "user", "content": 'What does "happy" mean?'}]}
-        choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    choice = ask(server, 'What does "happy" mean?')
     reply = choice["message"]["content"]
     assert "happy" in reply.lower(), reply
     assert "(adjective)" in reply, reply
@@ -69,9 +90,22 @@ def test_served_as_default_and_answers_about_the_word_asked(server):
     assert choice["finish_reason"] == "stop"  # it ends its answer by itself
 
 
-def test_eval_matches_the_card(capsys):
-    assert main(["eval", str(DEFAULT), "--data", str(SLICE)]) == 0
+def test_general_question_stays_right(server):
+    reply = ask(server, "What is the capital of France?")["message"]["content"]
+    assert "Paris" in reply, reply
+
+
+def test_eval_matches_the_card(built, capsys):
+    assert main(["eval", str(built), "--data", str(SLICE)]) == 0
     result = json.loads(capsys.readouterr().out)
     expected = card_figure("assistant-token loss, test slice")
     assert result["chats"] == 64
     assert abs(result["assistant_loss"] - expected) <= 0.05 * expected, (result["assistant_loss"], expected)
+
+
+def test_build_refuses_a_missing_base_in_one_line(tmp_path):
+    result = subprocess.run([*BUILD, "--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {tmp_path / 'absent.gguf'}: not found"
+    assert not (tmp_path / "out").exists()

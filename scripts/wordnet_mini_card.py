@@ -1,13 +1,13 @@
-"""Write the default model's card from what the recipe measured.
+"""Write the from-scratch wordnet-mini model's card from what the recipe measured.
 
-Every figure comes from a file that scripts/train-default-model.sh wrote:
+Every figure comes from a file that scripts/train-wordnet-mini.sh wrote:
 the `training` entries of the pretrained and fine-tuned checkpoints'
 config.json (steps, tokens, losses), their metrics.jsonl (wall time), the
 `hearth eval` JSON outputs, the word-answer F1 JSON outputs and the sample
 conversations (scripts/card_samples.py, from the served model). Nothing is
 typed in by hand, so rerunning the recipe rewrites a true card.
 
-    python scripts/write_model_card.py --runs runs --out weights/default
+    python scripts/wordnet_mini_card.py --runs runs --out weights/wordnet-mini
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: {path} not found (run scripts/train-default-model.sh first)") from None
+        raise SystemExit(f"error: {path} not found (run scripts/train-wordnet-mini.sh first)") from None
 
 
 def wall_seconds(checkpoint: Path) -> float:
@@ -96,9 +96,9 @@ def card(runs: Path, base_dir: Path, sft_dirs: list[Path], out: Path, samples: s
     greetings = ("fine-tuning pass " + ", ".join(f"{number} adds `{spec}` (`--upsample`: the greetings, repeated)"
                                                   for number, spec in upsampled) + "." if upsampled
                  else "too few for it to have learnt them.")
-    return f"""# default
+    return f"""# wordnet-mini
 
-Hearth's bundled model, meant as a small dictionary assistant: ask it what an English word means, for a
+Hearth's from-scratch showcase (the default model until SmolLM2 fine-tuned replaced it), a small dictionary assistant: ask it what an English word means, for a
 synonym, an opposite, what kind of thing something is, or for an example sentence. It is {params / 1e6:.1f}M
 parameters trained for about {(base_s + sft_s) / 60:.0f} minutes on a 2-core CPU, and it shows: it answers in the
 dictionary form of the training chats and usually names the word asked about, but what it says a word means is
@@ -127,9 +127,9 @@ dictionary to rely on. A GPU run of the same recipe with a bigger budget is the 
 
 ## Recipe
 
-`make default-model DATA=../shared/corpus` (scripts/train-default-model.sh) reruns every step with Hearth's own
+`make wordnet-mini DATA=../shared/corpus` (scripts/train-wordnet-mini.sh) reruns every step with Hearth's own
 commands: `{pretrain_cmd}`, then `hearth sft` on the training chats (in passes), `hearth quantize --method int8`, the evals
-below, `scripts/card_samples.py` and this card (`scripts/write_model_card.py`).
+below, `scripts/card_samples.py` and this card (`scripts/wordnet_mini_card.py`).
 
 ## Measured
 
@@ -154,12 +154,12 @@ def _flags(settings: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint (default RUNS/default-base)")
+    parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint (default RUNS/mini-base)")
     parser.add_argument("--sft", type=Path, nargs="+", default=None,
-                        help="fine-tuned checkpoint(s), one per SFT run in order (default RUNS/default-sft)")
-    parser.add_argument("--out", type=Path, default=Path("weights/default"))
+                        help="fine-tuned checkpoint(s), one per SFT run in order (default RUNS/mini-sft)")
+    parser.add_argument("--out", type=Path, default=Path("weights/wordnet-mini"))
     args = parser.parse_args()
-    base, sft = args.base or args.runs / "default-base", args.sft or [args.runs / "default-sft"]
+    base, sft = args.base or args.runs / "mini-base", args.sft or [args.runs / "mini-sft"]
     samples = (args.runs / "samples.md").read_text()
     text = card(args.runs, base, sft, args.out, samples)
     tmp = args.out / "README.md.tmp"
