@@ -10,6 +10,7 @@ clients and raw httpx.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import re
@@ -21,10 +22,11 @@ import openai
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from server.engine import Engine, EngineConfig
 from server.engine.types import EmbeddingRequest, GenerationRequest, InvalidRequestError, SamplingParams
-from server.settings import load_settings
+from server.settings import add_settings_arguments, load_settings, settings_from_args
+from tests.conftest import make_tiny_model
 from tests.server_fixtures import ollama_client, openai_client, running_server
 
 WORDS = "to be or not to be that is the question whether tis nobler in the mind to suffer".split() * 20
@@ -392,10 +394,44 @@ def test_a_client_that_disconnects_leaves_no_kv_blocks_behind(http, server, toke
 
 
 def test_pooling_and_normalize_settings_reach_the_engine(tiny_model_dir, model, tokenizer):
-    assert load_settings(pooling="last", embed_normalize=False).pooling == "last"
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    from_flags = settings_from_args(parser.parse_args(["--pooling", "last", "--no-embed-normalize"]))
+    assert (from_flags.pooling, from_flags.embed_normalize) == ("last", False)
+    assert (load_settings().pooling, load_settings().embed_normalize) == ("mean", True)
     with pytest.raises(Exception, match="pooling"):
         load_settings(pooling="max")
     with running_server(tiny_model_dir, pooling="last", embed_normalize=False) as server:
         vector = httpx.post(server.url + "/v1/embeddings", json={"model": server.model_id, "input": "thou art"}).json()
     expected = naive_embedding(model, tokenizer.encode("thou art", add_bos=True), "last", False)
     torch.testing.assert_close(torch.tensor(vector["data"][0]["embedding"]), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_the_one_call_native_decoder_pools_the_same_way(tokenizer, tmp_path):
+    """A bf16 checkpoint served with dtype auto: on a CPU with a native path every layer of a step is one
+    native call (cpu_fast.NativeDecoder), whose hidden states the vectors come from."""
+    model = make_tiny_model(tokenizer, seed=3)
+    with torch.no_grad():  # large weights, so silu, softmax and the norms see varied inputs
+        for name, param in model.named_parameters():
+            param.copy_(param if name.endswith("norm.weight") else param * 15)
+    save_checkpoint(tmp_path / "bf16", model.to(torch.bfloat16), tokenizer)
+    engine = make_engine(tmp_path / "bf16", dtype="auto")
+    try:
+        if engine.worker.native_decoder is None:
+            pytest.skip(f"no one-call native decoder on this CPU ({engine.compute()})")
+        inputs = prompts(tokenizer, 6)[::-1]
+        alone = [asyncio.run(embed(engine, "alone", p)) for p in inputs]
+
+        async def beside_generation():
+            generations = asyncio.gather(*(generate(engine, f"g{i}", p) for i, p in enumerate(inputs[:3])))
+            vectors = await asyncio.gather(*(embed(engine, f"e{i}", p) for i, p in enumerate(inputs)))
+            await generations
+            return vectors
+
+        mixed = asyncio.run(beside_generation())
+    finally:
+        engine.shutdown()
+    assert all(torch.equal(a, b) for a, b in zip(alone, mixed))
+    reference = load_checkpoint(tmp_path / "bf16", dtype=torch.float32).model
+    for prompt, vector in zip(inputs, alone):  # the same math up to the order of the fp32 sums
+        torch.testing.assert_close(vector, naive_embedding(reference, prompt, "mean", True), atol=1e-4, rtol=1e-3)
