@@ -75,10 +75,15 @@ class HealthAnswer(BaseModel):
     error: str | None = None
 
 
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
 class TokenizeAnswer(BaseModel):
     count: int
     max_model_len: int
-    tokens: list[int]
+    tokens: list[int] | list[TokenPiece]  # with_pieces: {"id", "piece"} (llama.cpp)
 
 
 class DetokenizeAnswer(BaseModel):
