@@ -21,6 +21,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from server.engine import Engine, EngineConfig
@@ -435,3 +436,16 @@ def test_the_one_call_native_decoder_pools_the_same_way(tokenizer, tmp_path):
     reference = load_checkpoint(tmp_path / "bf16", dtype=torch.float32).model
     for prompt, vector in zip(inputs, alone):  # the same math up to the order of the fp32 sums
         torch.testing.assert_close(vector, naive_embedding(reference, prompt, "mean", True), atol=1e-4, rtol=1e-3)
+
+
+def test_embedding_prompt_tokens_are_counted_in_metrics(http, server):
+    def prompt_tokens() -> float:
+        for family in text_string_to_metric_families(http.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "hearth_prompt_tokens_total" and sample.labels.get("model") == server.model_id:
+                    return sample.value
+        return 0.0
+
+    before = prompt_tokens()
+    answer = http.post("/v1/embeddings", json={"model": server.model_id, "input": ["one two", "three four five"]}).json()
+    assert prompt_tokens() - before == answer["usage"]["prompt_tokens"] > 0
