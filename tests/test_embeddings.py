@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from server.engine import Engine, EngineConfig
+from server.engine.kv_cache import KVCacheManager
+from server.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from server.engine.types import EmbeddingRequest, GenerationRequest, InvalidRequestError, SamplingParams
 from server.settings import add_settings_arguments, load_settings, settings_from_args
 from tests.conftest import make_tiny_model
@@ -86,6 +88,32 @@ async def generate(engine, request_id: str, prompt: list[int]) -> tuple[list[int
 
 
 # ---------------------------------------------------------------- the engine
+
+
+def test_the_scheduler_runs_an_embedding_prompt_uncached_and_unsampled():
+    """With fake outputs (as tests/test_scheduler.py): a pooled sequence whose prompt is in the prefix cache
+    still computes every row, is never sampled, and registers no block."""
+    kv = KVCacheManager(64, 4)
+    scheduler = Scheduler(SchedulerConfig(8, 12, 128, 4), kv)
+    prompt = list(range(30))
+    scheduler.add_sequence(Sequence("gen", list(prompt), 30, SamplingParams(max_tokens=1)))
+    while scheduler.has_work():
+        output = scheduler.schedule()
+        scheduler.update_from_output(output, {i.seq.seq_id: [7] for i in output.scheduled if i.num_samples})
+    cached = len(kv.pool.cached_blocks)
+    assert cached == 7  # the generation's full prompt blocks
+    pooled = Sequence("emb", list(prompt), 30, SamplingParams(max_tokens=1), pooler=object())
+    scheduler.add_sequence(pooled)
+    chunks = []
+    while pooled.num_computed_tokens < 30:
+        output = scheduler.schedule()
+        chunks += [(i.start_position, i.num_tokens, i.num_samples) for i in output.scheduled]
+        scheduler.update_from_output(output, {})
+    assert chunks == [(0, 12, 0), (12, 12, 0), (24, 6, 0)] and pooled.num_cached_tokens == 0
+    assert len(kv.pool.cached_blocks) == cached and not pooled.is_finished  # the engine finishes it
+    scheduler.finish_sequence(pooled, "stop")
+    assert kv.pool.num_free_blocks == kv.num_usable_blocks
+
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -380,16 +408,16 @@ def test_a_client_that_disconnects_leaves_no_kv_blocks_behind(http, server, toke
     served.engine = recording
     pool = engine.kv_manager.pool
     free_before = pool.num_free_blocks
-    body = {"model": server.model_id, "input": [[7 + i % 100] * 256 for i in range(200)]}  # 51,200 tokens
+    body = {"model": server.model_id, "input": [[7 + i % 100] * 256 for i in range(1000)]}  # 256,000 tokens
     try:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up long before they are done
-            http.post("/v1/embeddings", json=body, timeout=httpx.Timeout(10, read=0.3))
+            http.post("/v1/embeddings", json=body, timeout=httpx.Timeout(10, read=0.2))
         deadline = time.monotonic() + 20
         while (engine.stats().num_running or pool.num_free_blocks != free_before) and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         served.engine = recording.engine
-    assert "cancelled" in recording.endings and len(recording.endings) < 200
+    assert "cancelled" in recording.endings and len(recording.endings) < 1000
     assert pool.num_free_blocks == free_before and engine.stats().num_running == 0
     assert http.post("/v1/embeddings", json={"model": server.model_id, "input": "still here"}).status_code == 200
 
