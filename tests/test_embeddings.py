@@ -16,6 +16,7 @@ import base64
 import json
 import re
 import socket
+import threading
 import time
 
 import httpx
@@ -225,25 +226,38 @@ async def drain(stream) -> None:
 def test_embeddings_never_leave_kv_blocks_behind(engine, tokenizer):
     pool = engine.kv_manager.pool
     free_before, cached_before = pool.num_free_blocks, len(pool.cached_blocks)
+    leaver_step, release = threading.Event(), threading.Event()
+    leaver_chunks = []
+    execute = engine.worker.execute
+
+    def held_at_the_leavers_first_chunk(output):
+        if any(item.seq.request_id == "leaver" for item in output.scheduled):
+            leaver_chunks.append(output)
+            leaver_step.set()
+            release.wait(10)
+        return execute(output)
 
     async def scenario():
         await asyncio.gather(*(embed(engine, f"k{i}", p) for i, p in enumerate(prompts(tokenizer, 10))))
-        # a long input (10 chunks of 48) cancelled mid-prefill, as when the client goes away
+        # a long input (6 chunks of 48) cancelled mid-prefill, as when the client goes away
         task = asyncio.ensure_future(embed(engine, "leaver", prompts(tokenizer, 30)[-1][:250]))
-        while engine.stats().num_running == 0:
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(leaver_step.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(500):
-            if pool.num_free_blocks == free_before and not engine.scheduler.seqs_by_request:
-                return
-            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.to_thread(wait_until, lambda: pool.num_free_blocks == free_before and not engine.scheduler.seqs_by_request)
 
-    asyncio.run(scenario())
+    engine.worker.execute = held_at_the_leavers_first_chunk
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        engine.worker.execute = execute
+    assert len(leaver_chunks) == 1  # aborted after its first chunk, not run to the end
     assert pool.num_free_blocks == free_before
     assert len(pool.cached_blocks) == cached_before  # nothing entered the prefix cache
-    assert engine.stats().num_running == 0 and not engine.scheduler.seqs_by_request
+    assert engine.stats().num_running == 0 and not engine.scheduler.seqs_by_request and not engine._requests
 
 
 def test_engine_refuses_bad_embedding_requests(engine, tokenizer):
