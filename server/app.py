@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from model.chat import encode_chat
+from server.embeddings_api import router as embeddings_router
 from server.engine.types import InvalidRequestError
 from server.generation import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
@@ -81,6 +82,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
+    app.include_router(embeddings_router)  # /v1/embeddings, /api/embed, /api/embeddings (server/embeddings_api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.

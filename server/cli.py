@@ -2,6 +2,7 @@
 
     hearth serve --model weights/default [--model weights/other] [--host 127.0.0.1] [--port 8080]
     hearth serve --model smollm2=SmolLM2-135M-Instruct.Q4_1.gguf   (a GGUF file: imported once into the cache)
+    hearth serve --model weights/default --pooling last --no-embed-normalize   (embeddings: last token, raw vectors)
 
 Flags and HEARTH_* variables come from `server.settings.ServerSettings`.
 Before the port opens, every checkpoint's config.json is read and the port is

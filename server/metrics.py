@@ -15,6 +15,7 @@ Design choices:
 - Token counts and latencies are observed by wrapping the engine's
   `generate()` stream (`MeteredEngine`), so they are measured the same way for
   the OpenAI and Ollama protocols without either knowing about metrics.
+  Embedding requests (`embed()`) count their prompt tokens only.
   Time to first token runs from the `generate()` call (queue + prefill) to the
   first output carrying tokens; inter-token latency is the gap between
   outputs, split evenly over the tokens a choice gained in that output.
@@ -186,6 +187,18 @@ class MeteredEngine:
             close = getattr(stream, "aclose", None)
             if close is not None:  # propagate a client disconnect to the engine now, not at GC time
                 await close()
+
+
+    async def embed(self, request: Any) -> Any:
+        """An embedding request counts its prompt tokens (it generates none); the access log sums a request's inputs."""
+        record = _current_request.get()
+        if record is not None:
+            record.model = self.model_name
+        output = await self.engine.embed(request)
+        self.metrics.prompt_tokens.labels(self.model_name).inc(output.prompt_tokens)
+        if record is not None:
+            record.prompt_tokens = (record.prompt_tokens or 0) + output.prompt_tokens
+        return output
 
 
 class _StreamObserver:

@@ -75,10 +75,15 @@ class HealthAnswer(BaseModel):
     error: str | None = None
 
 
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
 class TokenizeAnswer(BaseModel):
     count: int
     max_model_len: int
-    tokens: list[int]
+    tokens: list[int] | list[TokenPiece]  # with_pieces: {"id", "piece"} (llama.cpp)
 
 
 class DetokenizeAnswer(BaseModel):
@@ -99,6 +104,8 @@ class RouteDoc:
 def route_docs() -> dict[tuple[str, str], RouteDoc]:
     """(path, method) -> its documentation; imported late, as the protocol modules import the app's pieces."""
     from server.app import DetokenizeRequest, TokenizeRequest
+    from server.embeddings_api import (EmbeddingList, EmbeddingsRequest, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
+                                       OllamaEmbedRequest, OllamaEmbedResponse)
     from server.ollama_protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
     from server.openai_protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
 
@@ -109,6 +116,9 @@ def route_docs() -> dict[tuple[str, str], RouteDoc]:
         ("/api/chat", "post"): RouteDoc(ChatRequest, ChatResponse, NDJSON, GENERATION_ERRORS),
         ("/api/generate", "post"): RouteDoc(GenerateRequest, GenerateResponse, NDJSON, GENERATION_ERRORS),
         ("/api/show", "post"): RouteDoc(ShowRequest, ShowResponse, None, LOOKUP_ERRORS),
+        ("/v1/embeddings", "post"): RouteDoc(EmbeddingsRequest, EmbeddingList, None, GENERATION_ERRORS),
+        ("/api/embed", "post"): RouteDoc(OllamaEmbedRequest, OllamaEmbedResponse, None, GENERATION_ERRORS),
+        ("/api/embeddings", "post"): RouteDoc(OllamaEmbeddingsRequest, OllamaEmbeddingsResponse, None, GENERATION_ERRORS),
         ("/tokenize", "post"): RouteDoc(TokenizeRequest, TokenizeAnswer, None, LOOKUP_ERRORS),
         ("/detokenize", "post"): RouteDoc(DetokenizeRequest, DetokenizeAnswer, None, LOOKUP_ERRORS),
         ("/v1/models/{model_id}", "get"): RouteDoc(errors=(401, 404, 503)),

@@ -75,6 +75,8 @@ class ServerSettings(BaseSettings):
     kv_cache_memory_gb: float = Field(2.0, gt=0, description="KV cache budget in GiB when kv_cache_blocks is not set")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    pooling: str = Field("mean", description="embeddings: mean (over the input's final hidden states) or last (token)")
+    embed_normalize: bool = Field(True, description="embeddings: L2-normalize vectors (a request's embd_normalize overrides)")
 
     # State
     data_dir: str = Field("~/.hearth", description="folder for server state: stored /v1/responses (SQLite, created on first use)")
@@ -100,6 +102,13 @@ class ServerSettings(BaseSettings):
         if dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"must be auto, bfloat16 or float32, got {dtype!r}")
         return dtype
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, pooling: str) -> str:
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"must be mean or last, got {pooling!r}")
+        return pooling
 
     @field_validator("log_level")
     @classmethod

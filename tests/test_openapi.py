@@ -49,6 +49,9 @@ POST_ROUTES = {
     "/api/show": ("ShowRequest", None, "OllamaError"),
     "/tokenize": ("TokenizeRequest", None, "OpenAIError"),
     "/detokenize": ("DetokenizeRequest", None, "OpenAIError"),
+    "/v1/embeddings": ("EmbeddingsRequest", None, "OpenAIError"),
+    "/api/embed": ("OllamaEmbedRequest", None, "OllamaError"),
+    "/api/embeddings": ("OllamaEmbeddingsRequest", None, "OllamaError"),
 }
 
 

@@ -26,6 +26,9 @@ Design choices:
 - `from_checkpoint` loads on a thread of its own that exits when done (see
   `run_in_fresh_thread`): the engine thread must be the only thread that
   keeps an OpenMP team alive.
+- Embeddings: `embed()` admits a prefill-only sequence into the same batch
+  as generation (server/engine/pooling.py says how it flows); its pooled vector
+  is delivered, and its blocks freed, in the step that computes its last row.
 - `dtype` "auto" is what the CPU computes natively (`auto_dtype`): fp32 on AVX2
   and NEON, bf16 on AVX-512 BF16 (model/native.py's paths) and on CUDA.
 """
@@ -51,17 +54,22 @@ from model.tokenizer import Tokenizer
 from server.engine import cpu_fast, step_loop
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCacheManager, PagedKVCache
+from server.engine.pooling import EmbeddingPooler
 from server.engine.sampling import SampleResult, SequenceSampler
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, TokenEvent
 from server.engine.types import (
+    POOLING_METHODS,
     CompletionDelta,
     ContextOverflowError,
+    EmbeddingOutput,
+    EmbeddingRequest,
     EngineStats,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
     RequestOutput,
+    SamplingParams,
     Usage,
 )
 from server.engine.worker import ModelWorker, SampleResults
@@ -84,6 +92,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
     max_waiting: int = 256  # requests queued beyond free running slots; more get QueueFullError
     enable_prefix_caching: bool = True  # reuse KV of identical full-block prefixes
+    pooling: str = "mean"  # embeddings: mean over the prompt's final hidden states, or the last token's
+    embed_normalize: bool = True  # embeddings: L2-normalize the pooled vector
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -94,6 +104,8 @@ class EngineConfig:
                               f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token each step")
         if self.max_waiting < 0:
             raise HearthError(f"engine config: max_waiting must be >= 0, got {self.max_waiting}")
+        if self.pooling not in POOLING_METHODS:
+            raise HearthError(f"engine config: pooling must be {' or '.join(POOLING_METHODS)}, got {self.pooling!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise HearthError(f"engine config: dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
 
@@ -159,7 +171,7 @@ def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 class _RequestState:
     """The engine thread's view of one request."""
 
-    request: GenerationRequest
+    request: GenerationRequest | EmbeddingRequest
     loop: asyncio.AbstractEventLoop  # the caller's loop: outputs go through call_soon_threadsafe
     queue: asyncio.Queue  # RequestOutput items, or an exception to raise in the caller
     samplers: list[SequenceSampler]  # one per choice
@@ -170,6 +182,7 @@ class _RequestState:
     first_token_time: float | None = None
     completion_tokens: int = 0  # summed over choices
     finished_choices: set[int] = field(default_factory=set)
+    pooler: EmbeddingPooler | None = None  # set for an embedding request
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -314,6 +327,29 @@ class Engine:
         samplers = [SequenceSampler(params, request.prompt_ids, vocab_size, choice) for choice in range(params.n)]
         detokenizers = [make_detokenizer(self._tokenizer, list(params.stop), request.prompt_ids) for _ in range(params.n)]
         state = _RequestState(request, asyncio.get_running_loop(), asyncio.Queue(), samplers, detokenizers, time.monotonic())
+        self._submit(state)
+        return state
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingOutput:
+        """The request's pooled vector; admission errors raise at once, and cancelling the await aborts it."""
+        self._check_embedding(request)
+        pooler = EmbeddingPooler(len(request.prompt_ids), request.pooling or self.config.pooling,
+                                 self.config.embed_normalize if request.normalize is None else request.normalize)
+        state = _RequestState(request, asyncio.get_running_loop(), asyncio.Queue(), [], [], time.monotonic(),
+                              pooler=pooler)
+        self._submit(state)
+        try:
+            item = await state.queue.get()
+        except BaseException:  # cancelled (client gone): free its blocks
+            self.abort(request.request_id)
+            raise
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _submit(self, state: _RequestState) -> None:
+        """Hand a checked request to the engine thread, within the waiting-queue bound."""
+        request = state.request
         with self._lock:
             if self._stopping:
                 raise RequestFailedError("the engine is shutting down")
@@ -327,7 +363,6 @@ class Engine:
             self._submitted.add(request.request_id)
             self._inbox.append(state)
             self._lock.notify_all()
-        return state
 
     def _num_waiting_locked(self) -> int:
         """Requests submitted but not started, beyond the free running slots: what --max-waiting bounds.
@@ -355,6 +390,18 @@ class Engine:
         requested = len(prompt) + params.max_tokens
         if requested > self.max_seq_len:
             raise ContextOverflowError(self.max_seq_len, requested, len(prompt))
+
+    def _check_embedding(self, request: EmbeddingRequest) -> None:
+        prompt, vocab_size = request.prompt_ids, self.model.config.vocab_size
+        if not prompt:
+            raise InvalidRequestError("prompt", "prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+            raise InvalidRequestError("prompt", f"prompt token ids must be integers in [0, {vocab_size})")
+        if len(prompt) > self.max_seq_len:
+            raise InvalidRequestError("prompt", f"prompt is {len(prompt)} tokens, over this model's maximum "
+                                                f"context length of {self.max_seq_len} tokens")
+        if request.pooling is not None and request.pooling not in POOLING_METHODS:
+            raise InvalidRequestError("pooling", f"pooling must be {' or '.join(POOLING_METHODS)}")
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -385,6 +432,8 @@ class Engine:
         self._stopped.set()
 
     def _add(self, state: _RequestState) -> None:
+        if state.pooler is not None:
+            return self._add_embedding(state)
         request = state.request
         params = request.params
         stop_ids = set(params.stop_token_ids)
@@ -392,6 +441,14 @@ class Engine:
             stop_ids |= set(self._tokenizer.stop_ids)
         seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), params,
                        frozenset(stop_ids), sampler=state.samplers[0], fork_samplers=state.samplers[1:])
+        state.first_seq = seq
+        self._requests[request.request_id] = state
+        self.scheduler.add_sequence(seq)
+
+    def _add_embedding(self, state: _RequestState) -> None:
+        request = state.request
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids),
+                       SamplingParams(max_tokens=1), pooler=state.pooler)
         state.first_seq = seq
         self._requests[request.request_id] = state
         self.scheduler.add_sequence(seq)
@@ -412,6 +469,7 @@ class Engine:
         tokens = self._collect_tokens(results)
         events = self.scheduler.update_from_output(output, tokens)
         self._emit(events, results)
+        self._emit_embeddings(output)
 
     def _note_scheduled(self, output: SchedulerOutput) -> None:
         now = time.monotonic()
@@ -463,6 +521,27 @@ class Engine:
             outputs.append((state, RequestOutput(request_id, request_deltas, usage, finished)))
         self._deliver_all(outputs)
 
+    def _emit_embeddings(self, output: SchedulerOutput) -> None:
+        """Deliver the vectors pooled this step; their sequences finish now, freeing their blocks."""
+        now = time.monotonic()
+        outputs = []
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.pooler is None or seq.pooler.vector is None or seq.is_finished:
+                continue
+            self.scheduler.finish_sequence(seq, "stop")
+            state = self._requests.get(seq.request_id)
+            if state is not None:
+                self._forget(seq.request_id)  # before delivering: the caller may reuse the id at once
+                outputs.append((state, self._embedding_output(state, seq.pooler.vector, now)))
+        self._deliver_all(outputs)
+
+    @staticmethod
+    def _embedding_output(state: _RequestState, vector: torch.Tensor, now: float) -> EmbeddingOutput:
+        first_scheduled = state.first_scheduled_time or now
+        return EmbeddingOutput(state.request.request_id, vector, len(state.request.prompt_ids),
+                               queue_time=first_scheduled - state.arrival_time, prefill_time=now - first_scheduled)
+
     def _delta(self, state: _RequestState, event: TokenEvent, sample: SampleResult) -> CompletionDelta:
         seq, choice = event.seq, event.seq.choice_index
         detokenizer = state.detokenizers[choice]
@@ -501,7 +580,7 @@ class Engine:
         self._deliver_all([(state, item)])
 
     @staticmethod
-    def _deliver_all(outputs: list[tuple[_RequestState, RequestOutput | BaseException]]) -> None:
+    def _deliver_all(outputs: list[tuple[_RequestState, RequestOutput | EmbeddingOutput | BaseException]]) -> None:
         """One wake-up per event loop per step, not one per request (each is a syscall)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for state, item in outputs:

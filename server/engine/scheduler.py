@@ -21,6 +21,9 @@ Design choices (after vLLM v1's scheduler):
 - n > 1: a request starts as one sequence; when its prompt is done, the n
   tokens drawn from the prompt's logits fork it into n sequences sharing the
   prompt's blocks (see KVCacheManager.fork). Admission reserves their slots.
+- An embedding request is a sequence with a `pooler` (server/engine/pooling.py):
+  scheduled like any prompt, but with no prefix-cache lookup or registration and
+  no sample when its prompt is done; the engine then finishes it.
 - The scheduler knows nothing of tensors, text or asyncio: the engine feeds it
   sampled token ids and stop decisions (tests drive it with fake outputs).
 """
@@ -65,6 +68,7 @@ class Sequence:
     finish_reason: FinishReason | None = None  # "stop" or "length" once finished normally
     sampler: Any = None  # its SequenceSampler (the engine's; the scheduler only carries it)
     fork_samplers: list[Any] = field(default_factory=list)  # samplers of choices 1..n-1, used at the fork
+    pooler: Any = None  # an embedding request's EmbeddingPooler (server/engine/pooling.py): prefill only, never sampled
 
     @property
     def num_tokens(self) -> int:
@@ -224,7 +228,8 @@ class Scheduler:
             reserved = len(self.running) + sum(s.num_pending_forks for s in self.running)  # forks to come
             if reserved + 1 + seq.num_pending_forks > self.config.max_num_seqs:
                 break
-            cached_prefix = self.kv.find_cached_prefix(seq.token_ids, seq.block_hashes)
+            # an embedding needs every row computed: no prefix-cache hit
+            cached_prefix = self.kv.find_cached_prefix(seq.token_ids, seq.block_hashes) if seq.pooler is None else []
             num_cached = len(cached_prefix) * self.config.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(seq.seq_id, num_cached + num_new, cached_prefix):
@@ -244,7 +249,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_new  # counted as computed now; the worker runs them this step
         reaches_end = seq.num_computed_tokens == seq.num_tokens
-        num_samples = (1 + seq.num_pending_forks) if reaches_end else 0
+        num_samples = (1 + seq.num_pending_forks) if reaches_end and seq.pooler is None else 0
         return ScheduledSequence(seq, start, num_new, self.kv.block_ids(seq.seq_id), num_samples)
 
     # -------------------------------------------------------------------- after the step
@@ -259,7 +264,8 @@ class Scheduler:
             seq = item.seq
             if seq.is_finished:
                 continue
-            self.kv.register_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
+            if seq.pooler is None:  # an embedding's blocks are never cached: freed, they are reused first
+                self.kv.register_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
             tokens = sampled.get(seq.seq_id, [])
             # Fork before the parent's own token: the parent may finish on it and free its blocks.
             child_events = self._fork(seq, tokens[1:]) if item.num_samples > 1 and len(tokens) > 1 else []

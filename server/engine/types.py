@@ -76,6 +76,32 @@ class GenerationRequest:
     params: SamplingParams
 
 
+POOLING_METHODS = ("mean", "last")  # how an embedding request's final-normed hidden states become one vector
+
+
+@dataclass
+class EmbeddingRequest:
+    """A prefill-only request: its prompt's final-normed hidden states pooled into one vector.
+
+    `Engine.embed()` takes it; pooling and normalize None mean the engine's
+    configured defaults (EngineConfig.pooling, EngineConfig.embed_normalize).
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    pooling: str | None = None  # "mean" (over every prompt row) or "last" (the last prompt row)
+    normalize: bool | None = None  # L2-normalize the pooled vector
+
+
+@dataclass
+class EmbeddingOutput:
+    request_id: str
+    embedding: Any  # float32 torch.Tensor [dim] on the CPU
+    prompt_tokens: int
+    queue_time: float  # seconds from arrival to first scheduled
+    prefill_time: float  # seconds from first scheduled to the pooled vector
+
+
 @dataclass
 class TokenLogprob:
     token_id: int

@@ -20,6 +20,8 @@ Design choices:
 - On CPU in bfloat16 the model's matmuls are swapped for pre-packed, fused
   ones (server/engine/cpu_fast.py), and where every layer is native the
   layers of a step run in one native call (cpu_fast.NativeDecoder).
+- Embedding requests (prefill-only sequences, server/engine/pooling.py) take
+  their rows of the same hidden states; they have no sample.
 - Sampling failures stay per sequence: `sample_batch` returns an exception in
   that row's slot. An exception in the forward itself propagates: the engine
   fails the step's requests and carries on.
@@ -33,6 +35,7 @@ from torch import Tensor
 from model.decoder import Transformer
 from server.engine.cpu_fast import NativeDecoder, can_pack, native_linear_weights, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
+from server.engine.pooling import pool_rows
 from server.engine.sampling import SampleResult, sample_batch
 from server.engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -72,6 +75,7 @@ class ModelWorker:
             hidden = self._hidden_states(tokens, positions)  # [rows, dim]
         finally:
             self.cache.metadata = None
+        pool_rows(ordered, hidden)  # embedding requests' rows (server/engine/pooling.py)
         return self._sample(ordered, hidden)
 
     def _hidden_states(self, tokens: Tensor, positions: Tensor) -> Tensor:
