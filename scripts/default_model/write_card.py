@@ -89,9 +89,10 @@ something is, or for an example sentence. It is a 135M-parameter model: its gene
 
 ## Data and licenses
 
-- {training['chats'] - general * 3:,} chats sampled (seed 0) from `wordnet-chat-train.jsonl.gz` (60,018 single-turn
-  chats about English words generated from WordNet 3.0: definitions, synonyms, hypernyms, examples, antonyms; the
-  corpus' 18 greetings are left out, as they describe the from-scratch model).
+- A pool of {training['chats'] - general * 3:,} chats sampled (seed 0) from `wordnet-chat-train.jsonl.gz` (60,018
+  single-turn chats about English words generated from WordNet 3.0: definitions, synonyms, hypernyms, examples,
+  antonyms; the corpus' 18 greetings are left out, as they describe the from-scratch model). The run saw
+  {training['tokens_seen']:,} of the mix's {training['chat_tokens']:,} tokens (chats are packed whole, in shuffled order).
 - {general} answers the base model wrote itself before fine-tuning (greedy, through `hearth serve`) to the general
   prompts in `scripts/default_model/general_prompts.txt` (greetings, facts, small tasks), each trained on 3 times:
   rehearsing its own answers is what keeps its general behaviour. The questions checked below (the capital of
