@@ -74,6 +74,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # name of a LoRA adapter loaded into the engine (Engine.add_lora); None: the base
 
 
 @dataclass
@@ -147,6 +148,18 @@ class ContextOverflowError(InvalidRequestError):
 
 class QueueFullError(EngineError):
     """429/503: the bounded waiting queue is full; retry later."""
+
+
+class UnknownAdapterError(InvalidRequestError):
+    """404 where the HTTP layer resolves names first: no LoRA adapter of that name is loaded."""
+
+    def __init__(self, name: str):
+        super().__init__("model", f"no LoRA adapter named '{name}' is loaded")
+        self.name = name
+
+
+class AdapterBusyError(EngineError):
+    """409: an adapter cannot be unloaded while requests use it."""
 
 
 class RequestFailedError(EngineError):

@@ -1,0 +1,235 @@
+"""LoRA adapters per request: exactness against merged checkpoints, batch invariance with base and
+other-adapter rows, prefix cache per adapter, checks at load, and the HTTP routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_tiny_model
+from model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from model.generate import GenerationSettings, generate
+from server.engine import Engine, EngineConfig
+from server.engine.lora import ServingAdapter, read_serving_adapter
+from server.engine.types import AdapterBusyError, GenerationRequest, SamplingParams, UnknownAdapterError
+from trainer.lora import AdapterError, LoRAConfig, apply_lora, lora_modules, save_adapter
+from trainer.sft import merge_adapter_folder
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, logprobs=2)
+HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+# --- adapters made in the test ----------------------------------------------------------------
+
+
+def hearth_adapter(base: Path, out: Path, tokenizer, rank: int, targets, seed: int) -> Path:
+    """A Hearth adapter (trainer code) with random non-zero B, large enough to change greedy tokens."""
+    checkpoint = load_checkpoint(base)
+    config = LoRAConfig(rank=rank, alpha=2.0 * rank, targets=tuple(targets))
+    apply_lora(checkpoint.model, config, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(checkpoint.model).values():
+            module.lora_b.copy_(torch.randn(module.lora_b.shape, generator=generator) * 0.3)
+    return save_adapter(out, checkpoint.model, config, base, checkpoint.metadata)
+
+
+def peft_adapter(base: Path, out: Path, rank: int, alpha: float, seed: int, merged_out: Path | None = None,
+                 **extra_config) -> Path:
+    """A PEFT-format folder (Hugging Face names) with random A and B; optionally the merged checkpoint too."""
+    checkpoint = load_checkpoint(base)
+    model, generator = checkpoint.model, torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, block in enumerate(model.layers):
+        for target in ("q", "v", "down"):
+            linear = getattr(block.attn if target in "qkvo" else block.mlp, target)
+            a = torch.randn(rank, linear.in_features, generator=generator) * 0.3
+            b = torch.randn(linear.out_features, rank, generator=generator) * 0.3
+            prefix = f"base_model.model.model.layers.{layer}.{HF_NAMES[target]}"
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+            with torch.no_grad():
+                linear.weight += (alpha / rank) * (b @ a)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none", "base_model_name_or_path": "tiny",
+              "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM", **extra_config}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    if merged_out is not None:
+        save_checkpoint(merged_out, model, checkpoint.tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tmp_path_factory, tiny_model_dir, tokenizer):
+    root = tmp_path_factory.mktemp("lora")
+    weights = root / "weights"
+    dirs = {"root": root, "weights": weights}
+    dirs["alpha"] = hearth_adapter(tiny_model_dir, weights / "alpha", tokenizer, 4, ("q", "k", "v", "o", "gate", "up", "down"), 1)
+    dirs["beta"] = hearth_adapter(tiny_model_dir, weights / "beta", tokenizer, 8, ("o", "up"), 2)
+    dirs["alpha_merged"] = merge_adapter_folder(tiny_model_dir, dirs["alpha"], root / "alpha-merged")
+    dirs["beta_merged"] = merge_adapter_folder(tiny_model_dir, dirs["beta"], root / "beta-merged")
+    dirs["peft"] = peft_adapter(tiny_model_dir, weights / "peft", 4, 8.0, 3, merged_out=root / "peft-merged")
+    dirs["peft_merged"] = root / "peft-merged"
+    return dirs
+
+
+def load_adapter(engine: Engine, name: str, folder: Path, base: Path) -> ServingAdapter:
+    adapter = read_serving_adapter(name, folder, engine.model_config, base, read_metadata(base),
+                                   engine.config.max_lora_rank)
+    engine.add_lora(adapter)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_model_dir, lora_dirs):
+    engine = Engine.from_checkpoint(tiny_model_dir, EngineConfig(dtype="float32", max_num_seqs=16,
+                                                                  max_num_batched_tokens=48))
+    engine.start()
+    for name in ("alpha", "beta", "peft"):
+        load_adapter(engine, name, lora_dirs[name], tiny_model_dir)
+    yield engine
+    engine.shutdown()
+
+
+def prompts(tokenizer, count):
+    words = "to be or not to be that is the question whether tis nobler in the mind to suffer".split() * 12
+    return [tokenizer.encode(" ".join(words[i:i + 2 + 7 * i]), add_bos=True) for i in range(count)]
+
+
+async def collect(engine, request_id, prompt, params, lora=None):
+    tokens, logprobs, usage = [], [], None
+    async for output in engine.generate(GenerationRequest(request_id, list(prompt), params, lora=lora)):
+        for delta in output.deltas:
+            tokens += delta.token_ids
+            logprobs += [entry.logprob for entry in delta.logprobs or []]
+        usage = output.usage or usage
+    return tokens, logprobs, usage
+
+
+def run_all(engine, jobs):
+    """jobs: [(prompt, lora)] submitted together -> [(tokens, logprobs, usage)]."""
+    async def main():
+        return await asyncio.gather(*(collect(engine, f"job-{i}", p, GREEDY, lora) for i, (p, lora) in enumerate(jobs)))
+    return asyncio.run(main())
+
+
+def reference(model_dir: Path, prompt, tokenizer, max_tokens: int = 20) -> list[int]:
+    model = load_checkpoint(model_dir).model
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0, stop_ids=tuple(tokenizer.stop_ids))
+    return list(generate(model, prompt, settings))
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+
+def test_adapter_greedy_tokens_equal_its_merged_checkpoint(lora_engine, lora_dirs, tiny_model_dir, tokenizer):
+    prompt = prompts(tokenizer, 4)[3]
+    base_tokens = reference(tiny_model_dir, prompt, tokenizer)
+    for name in ("alpha", "beta", "peft"):
+        tokens, _, _ = run_all(lora_engine, [(prompt, name)])[0]
+        assert tokens == reference(lora_dirs[f"{name}_merged"], prompt, tokenizer), name
+        assert tokens != base_tokens, f"{name}: the adapter must change the output for this test to mean anything"
+    assert run_all(lora_engine, [(prompt, None)])[0][0] == base_tokens
+
+
+def test_mixed_batch_equals_each_request_alone(lora_engine, lora_dirs, tiny_model_dir, tokenizer):
+    """Batch invariance: tokens and logprobs bit for bit, whatever else (base or other adapters) shares the steps."""
+    batch = prompts(tokenizer, 8)
+    loras = ["alpha", None, "beta", "alpha", "peft", None, "beta", "alpha"]
+    jobs = list(zip(batch, loras))
+    alone = [run_all(lora_engine, [job])[0][:2] for job in jobs]
+    mixed = [result[:2] for result in run_all(lora_engine, jobs)]
+    assert mixed == alone
+    merged = {None: tiny_model_dir, "alpha": lora_dirs["alpha_merged"], "beta": lora_dirs["beta_merged"],
+              "peft": lora_dirs["peft_merged"]}
+    for (prompt, lora), (tokens, _) in zip(jobs[:3], mixed[:3]):
+        assert tokens == reference(merged[lora], prompt, tokenizer)
+
+
+def test_prefix_cache_is_keyed_by_adapter(lora_engine, lora_dirs, tokenizer):
+    prompt = prompts(tokenizer, 6)[5]  # 37 words: several full blocks
+    run_all(lora_engine, [(prompt, None)])
+    tokens, _, usage = run_all(lora_engine, [(prompt, "alpha")])[0]
+    assert usage.cached_tokens == 0  # the base's blocks were computed with other weights
+    assert tokens == reference(lora_dirs["alpha_merged"], prompt, lora_engine.tokenizer)
+    again, _, usage = run_all(lora_engine, [(prompt, "alpha")])[0]
+    assert usage.cached_tokens > 0 and again == tokens
+
+
+def test_unknown_adapter_and_unloading_one_in_use(lora_engine, lora_dirs, tiny_model_dir, tokenizer):
+    prompt = prompts(tokenizer, 2)[1]
+    with pytest.raises(UnknownAdapterError, match="gamma"):
+        run_all(lora_engine, [(prompt, "gamma")])
+    with pytest.raises(UnknownAdapterError):
+        lora_engine.remove_lora("gamma")
+
+    async def unload_while_running():
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        stream = lora_engine.generate(GenerationRequest("long", list(prompt), params, lora="beta"))
+        await stream.__anext__()
+        with pytest.raises(AdapterBusyError, match="beta"):
+            lora_engine.remove_lora("beta")
+        await stream.aclose()  # abort: the pin is released when the engine drops it
+
+    asyncio.run(unload_while_running())
+    for _ in range(200):
+        try:
+            removed = lora_engine.remove_lora("beta")
+            break
+        except AdapterBusyError:
+            asyncio.run(asyncio.sleep(0.01))
+    assert removed.name == "beta"
+    with pytest.raises(UnknownAdapterError):
+        run_all(lora_engine, [(prompt, "beta")])
+    load_adapter(lora_engine, "beta", lora_dirs["beta"], tiny_model_dir)  # back for the other tests
+    assert run_all(lora_engine, [(prompt, "beta")])[0][0] == reference(lora_dirs["beta_merged"], prompt, tokenizer)
+
+
+# --- checks at load -------------------------------------------------------------------------------
+
+
+def read(folder, base, max_rank=64):
+    config = load_checkpoint(base).model.config
+    return read_serving_adapter("x", folder, config, base, read_metadata(base), max_rank)
+
+
+def test_rank_and_targets_the_engine_cannot_serve_are_refused(lora_dirs, tiny_model_dir, tmp_path):
+    with pytest.raises(AdapterError, match="rank 8 is above the engine's limit of 4"):
+        read(lora_dirs["beta"], tiny_model_dir, max_rank=4)
+    head = peft_adapter(tiny_model_dir, tmp_path / "head", 4, 8.0, 5)
+    save_file({**{k: v for k, v in load_safetensors(head).items()},
+               "base_model.model.lm_head.lora_A.weight": torch.ones(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.ones(10, 4)}, str(head / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="lm_head.lora_A.weight is not a LoRA A/B"):
+        read(head, tiny_model_dir)
+    dora = peft_adapter(tiny_model_dir, tmp_path / "dora", 4, 8.0, 5, use_dora=True)
+    with pytest.raises(AdapterError, match="use_dora"):
+        read(dora, tiny_model_dir)
+    with pytest.raises(AdapterError, match="neither a Hearth adapter .* nor a PEFT LoRA adapter"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+        read(tmp_path / "other", tiny_model_dir)
+
+
+def load_safetensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_an_adapter_for_another_base_is_refused_naming_both(lora_dirs, tokenizer, tmp_path):
+    other = save_checkpoint(tmp_path / "other-base", make_tiny_model(tokenizer, seed=7), tokenizer)
+    with pytest.raises(AdapterError, match=f"trained on .*tiny.*weights of the served base {other}"):
+        read(lora_dirs["alpha"], other)
+    wider = save_checkpoint(tmp_path / "wider", make_tiny_model(tokenizer, ffn_dim=256), tokenizer)
+    with pytest.raises(AdapterError, match=f"trained on .*tiny.*differs from the served base {wider}"):
+        read(lora_dirs["alpha"], wider)
+    with pytest.raises(AdapterError, match=r"layer 0 down: A \[4, 192\].*expects A \[4, 256\]"):
+        read(lora_dirs["peft"], wider)  # PEFT: no fingerprint, the shapes say it
