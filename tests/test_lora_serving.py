@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_tiny_model
+from model import native
 from model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from model.generate import GenerationSettings, generate
 from server.engine import Engine, EngineConfig
@@ -233,3 +234,126 @@ def test_an_adapter_for_another_base_is_refused_naming_both(lora_dirs, tokenizer
         read(lora_dirs["alpha"], wider)
     with pytest.raises(AdapterError, match=r"layer 0 down: A \[4, 192\].*expects A \[4, 256\]"):
         read(lora_dirs["peft"], wider)  # PEFT: no fingerprint, the shapes say it
+
+
+def test_native_decoder_steps_fall_back_per_layer_only_with_adapter_rows(tmp_path, tokenizer):
+    """A bf16-valued checkpoint runs the native kernels (one-call decoder where it builds): base rows give the
+    same bits in a step with adapter rows (per-layer path) as alone (one native call), and adapter rows too."""
+    model = make_tiny_model(tokenizer, seed=3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    base = save_checkpoint(tmp_path / "bf16-valued", model, tokenizer)
+    adapter = hearth_adapter(base, tmp_path / "adapter", tokenizer, 4, ("q", "v", "o", "gate", "down"), 4)
+    engine = Engine.from_checkpoint(base, EngineConfig(dtype="float32", max_num_seqs=16, max_num_batched_tokens=48))
+    engine.start()
+    try:
+        load_adapter(engine, "a", adapter, base)
+        batch = prompts(tokenizer, 6)
+        jobs = list(zip(batch, [None, "a", None, "a", None, "a"]))
+        alone = [run_all(engine, [job])[0][:2] for job in jobs]
+        assert [result[:2] for result in run_all(engine, jobs)] == alone
+        assert alone[1][0] != run_all(engine, [(batch[1], None)])[0][0]
+        if native.decoder_layers_kernel() is not None and native.is_fp32_path():
+            assert engine.worker.native_decoder is not None  # so base-only steps took the one native call
+    finally:
+        engine.shutdown()
+
+
+# --- the HTTP routes ------------------------------------------------------------------------------
+
+KEY = {"Authorization": "Bearer sekrit"}
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_dirs, tiny_model_dir):
+    """`hearth serve --model tiny --model alpha-merged --model peft-merged --lora alpha=DIR --weights-dir W --api-key`."""
+    from server.app import create_app
+    from server.settings import load_settings
+    from tests.server_fixtures import TEST_ENGINE_SETTINGS, serve_app, wait_until_ready
+
+    models = [str(tiny_model_dir), str(lora_dirs["alpha_merged"]), str(lora_dirs["peft_merged"])]
+    settings = load_settings(models=models, lora=[f"alpha={lora_dirs['alpha']}"], weights_dir=str(lora_dirs["weights"]),
+                             api_key="sekrit", **TEST_ENGINE_SETTINGS)
+    app = create_app(settings=settings)
+    with serve_app(app) as url:
+        wait_until_ready(url)
+        with httpx.Client(base_url=url, timeout=60, headers=KEY) as client:
+            yield client
+
+
+def complete(client, model: str, prompt: str = "to be or not to be that is") -> str:
+    response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 12,
+                                                    "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == model
+    return response.json()["choices"][0]["text"]
+
+
+def test_adapters_are_models_with_their_base_as_parent(lora_server, tiny_model_dir):
+    cards = {card["id"]: card for card in lora_server.get("/v1/models").json()["data"]}
+    assert cards["alpha"]["parent"] == tiny_model_dir.name
+    assert cards[tiny_model_dir.name]["parent"] is None
+    assert lora_server.get("/v1/models/alpha").json()["parent"] == tiny_model_dir.name
+
+
+def test_openai_and_ollama_routes_serve_the_adapter_a_request_names(lora_server, tiny_model_dir):
+    adapted, merged = complete(lora_server, "alpha"), complete(lora_server, "alpha-merged")
+    assert adapted == merged != complete(lora_server, tiny_model_dir.name)
+    chat = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10, "temperature": 0}
+    answers = [lora_server.post("/v1/chat/completions", json={**chat, "model": m}).json() for m in ("alpha", "alpha-merged")]
+    assert answers[0]["model"] == "alpha"
+    assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
+    ollama = {"prompt": "to be or not", "stream": False, "options": {"temperature": 0, "num_predict": 10}}
+    texts = [lora_server.post("/api/generate", json={**ollama, "model": m}).json()["response"]
+             for m in ("alpha", "alpha-merged")]
+    assert texts[0] == texts[1]
+
+
+def test_load_and_unload_while_serving(lora_server, lora_dirs):
+    response = lora_server.post("/v1/load_lora_adapter", json={"lora_name": "pirate", "lora_path": "peft"})
+    assert response.status_code == 200, response.text
+    assert "pirate" in [card["id"] for card in lora_server.get("/v1/models").json()["data"]]
+    assert complete(lora_server, "pirate") == complete(lora_server, "peft-merged")
+    assert lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"}).status_code == 200
+    gone = lora_server.post("/v1/completions", json={"model": "pirate", "prompt": "x", "max_tokens": 2})
+    assert gone.status_code == 404 and "pirate" in gone.json()["error"]["message"]
+    assert lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"}).status_code == 404
+
+
+def test_unloading_an_adapter_with_a_running_request_is_409(lora_server):
+    assert lora_server.post("/v1/load_lora_adapter", json={"lora_name": "busy", "lora_path": "beta"}).status_code == 200
+    body = {"model": "busy", "prompt": "to be", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with lora_server.stream("POST", "/v1/completions", json=body) as stream:
+        next(stream.iter_lines())  # the request runs
+        refused = lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "busy"})
+        assert refused.status_code == 409 and "busy" in refused.json()["error"]["message"]
+        assert complete(lora_server, "busy")  # still served
+    for _ in range(100):  # the closed stream's request is aborted within a step
+        if lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200:
+            break
+    else:
+        pytest.fail("the adapter stayed busy after its request ended")
+
+
+def test_load_errors(lora_server, lora_dirs, tiny_model_dir):
+    def load(**body):
+        return lora_server.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "peft", **body})
+
+    outside = load(lora_path=str(lora_dirs["alpha_merged"]))
+    assert outside.status_code == 400 and "outside the weights folder" in outside.json()["error"]["message"]
+    assert load(lora_path="../alpha-merged").status_code == 400
+    assert load(base_model="nope").status_code == 404
+    other = load(lora_path="alpha", base_model="alpha-merged")
+    assert other.status_code == 400
+    assert str(tiny_model_dir) in other.json()["error"]["message"] and "alpha-merged" in other.json()["error"]["message"]
+    assert load(lora_name="alpha").status_code == 400  # taken
+    assert load(lora_name=tiny_model_dir.name).status_code == 400  # a base model's name
+    assert load(lora_path="missing").status_code == 400
+    assert lora_server.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 404
+
+
+def test_adapter_routes_need_the_api_key(lora_server):
+    body = {"lora_name": "y", "lora_path": "peft"}
+    assert httpx.post(f"{lora_server.base_url}/v1/load_lora_adapter", json=body).status_code == 401
+    assert httpx.post(f"{lora_server.base_url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 401

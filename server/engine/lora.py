@@ -99,17 +99,25 @@ def read_serving_adapter(name: str, folder: str | Path, model_config: ModelConfi
                          base_metadata: dict[str, Any], max_rank: int) -> ServingAdapter:
     """Read a Hearth or PEFT adapter folder and check it against the served base; AdapterError otherwise."""
     folder = Path(folder)
-    metadata = _read_config(folder)
-    if metadata.get("format") == ADAPTER_FORMAT:
+    metadata, kind = check_adapter_config(folder)
+    if kind == "hearth":
         adapter = _read_hearth(name, folder, metadata)
         _check_hearth_base(adapter, metadata, base_path, base_metadata)
-    elif str(metadata.get("peft_type", "")).upper() == "LORA":
-        adapter = _read_peft(name, folder, metadata)
     else:
-        raise AdapterError(f"{folder / ADAPTER_CONFIG}: neither a Hearth adapter (\"format\": \"{ADAPTER_FORMAT}\") "
-                           "nor a PEFT LoRA adapter (\"peft_type\": \"LORA\")")
+        adapter = _read_peft(name, folder, metadata)
     _check_weights(adapter, model_config, max_rank)
     return adapter
+
+
+def check_adapter_config(folder: Path) -> tuple[dict[str, Any], str]:
+    """adapter_config.json and its kind ("hearth" or "peft"), told apart by content; AdapterError otherwise."""
+    metadata = _read_config(Path(folder))
+    if metadata.get("format") == ADAPTER_FORMAT:
+        return metadata, "hearth"
+    if str(metadata.get("peft_type", "")).upper() == "LORA":
+        return metadata, "peft"
+    raise AdapterError(f"{Path(folder) / ADAPTER_CONFIG}: neither a Hearth adapter (\"format\": \"{ADAPTER_FORMAT}\") "
+                       "nor a PEFT LoRA adapter (\"peft_type\": \"LORA\")")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
