@@ -179,5 +179,8 @@ def check_lora_entries(entries: list[str], model_ids: list[str]) -> list[tuple[s
         if name in seen:
             raise HearthError(f"--lora {name}={folder}: the name '{name}' is already a model or another adapter")
         seen.add(name)
-        check_adapter_config(folder)
+        try:
+            check_adapter_config(folder)
+        except HearthError as exc:
+            raise HearthError(f"--lora {name}: {exc}") from None
     return parsed

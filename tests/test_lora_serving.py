@@ -357,3 +357,33 @@ def test_adapter_routes_need_the_api_key(lora_server):
     body = {"lora_name": "y", "lora_path": "peft"}
     assert httpx.post(f"{lora_server.base_url}/v1/load_lora_adapter", json=body).status_code == 401
     assert httpx.post(f"{lora_server.base_url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 401
+
+
+def test_a_startup_adapter_for_another_base_is_a_load_error_naming_both(lora_dirs, tiny_model_dir):
+    from server.app import create_app
+    from server.settings import load_settings
+    from tests.server_fixtures import TEST_ENGINE_SETTINGS, serve_app
+
+    merged = lora_dirs["alpha_merged"]
+    settings = load_settings(models=[str(merged)], lora=[f"alpha={lora_dirs['alpha']}"], **TEST_ENGINE_SETTINGS)
+    with serve_app(create_app(settings=settings)) as url:
+        for _ in range(600):
+            health = httpx.get(f"{url}/health").json()
+            if health["status"] != "loading":
+                break
+            asyncio.run(asyncio.sleep(0.02))
+    assert health["status"] == "error"
+    assert "--lora alpha=" in health["error"] and str(tiny_model_dir) in health["error"] and str(merged) in health["error"]
+
+
+def test_bad_lora_flags_fail_before_the_server_starts(lora_dirs, tiny_model_dir):
+    from model.errors import HearthError
+    from server.app import create_app
+    from server.settings import load_settings
+
+    for entries, message in ((["alpha"], "expected NAME=ADAPTER_DIR"),
+                             ([f"{tiny_model_dir.name}={lora_dirs['alpha']}"], "already a model"),
+                             ([f"a={lora_dirs['alpha']}", f"a={lora_dirs['beta']}"], "already a model or another adapter"),
+                             ([f"a={lora_dirs['root']}/missing"], "--lora a: .*adapter folder not found")):
+        with pytest.raises(HearthError, match=message):
+            create_app(settings=load_settings(models=[str(tiny_model_dir)], lora=entries))

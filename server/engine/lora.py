@@ -14,8 +14,10 @@ Design choices:
   linear of every layer is wrapped once in a `LoRAHook` (q, k, v, o, gate, up, down; or
   server/engine/cpu_fast.py's fused qkv and gate_up modules, split into column ranges). The hook
   runs the base module for all rows, then, per adapter present in the step, that adapter's
-  rows' delta `scale * (x[rows] @ A.T) @ B.T` in fp32, added into the target's columns. A step
-  without adapter rows pays one Python call per wrapped module, nothing else.
+  rows' delta `scale * (x[rows] @ A.T) @ B.T` in fp32, added into the target's columns: one
+  matmul pair per wrapped module and adapter (a fused module's targets stacked: A by rows, B
+  block-diagonal with the scale folded in), run on one thread. A step without adapter rows pays
+  one Python call per wrapped module, nothing else.
 - The native one-call decoder (cpu_fast.NativeDecoder) has no per-row hook, so a step with any
   adapter row runs the per-layer path (the same packed kernels, module by module) and a step of
   base rows only keeps the one native call (ModelWorker._hidden_states).
@@ -82,6 +84,7 @@ class ServingAdapter:
     scale: float  # the delta's factor: alpha / rank (alpha / sqrt(rank) with rsLoRA)
     weights: LoRAWeights = field(repr=False)
     cache_key: bytes = field(default_factory=lambda: os.urandom(16))  # seeds its prefix-cache hashes
+    packs: dict = field(default_factory=dict, repr=False)  # LoRAHook.key -> stacked weights (LoRAHook._pack)
 
     @property
     def targets(self) -> list[str]:
@@ -286,6 +289,7 @@ class LoRAHook(nn.Module):
     def __init__(self, base: nn.Module, layer: int, columns: dict[str, tuple[int, int]], step: LoRAStep):
         super().__init__()
         self.base, self.layer, self.columns, self.step = base, layer, columns, step
+        self.key = (layer, next(iter(columns)))  # names this module in ServingAdapter.packs
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base.forward(x)
@@ -294,17 +298,43 @@ class LoRAHook(nn.Module):
         return y
 
     def _add_deltas(self, x: Tensor, y: Tensor) -> None:
-        for group in self.step.groups:
-            inputs = None
-            count = group.rows.shape[0]
-            for target, (start, end) in self.columns.items():
-                pair = group.adapter.weights.get((self.layer, target))
-                if pair is None:
+        """Per adapter: rows' x -> one matmul with its stacked A -> one with its scaled block-diagonal B,
+        added into the columns its targets cover. On one thread: these matmuls are a few rows by rank
+        wide, and waking the OpenMP team for each costs more than the work (far more on a busy CPU)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for group in self.step.groups:
+                pack = self._pack(group.adapter)
+                if pack is None:
                     continue
-                if inputs is None:
-                    inputs = x.index_select(0, group.padded_rows).float()
-                delta = F.linear(F.linear(inputs, pair[0]), pair[1])[:count] * group.adapter.scale
-                y[:, start:end].index_add_(0, group.rows, delta.to(y.dtype))
+                a, b, start, end = pack
+                inputs = x.index_select(0, group.padded_rows).float()
+                delta = F.linear(F.linear(inputs, a), b)[:group.rows.shape[0]]
+                y[:, start:end].index_put_((group.rows,), delta.to(y.dtype), accumulate=True)  # rows are unique
+        finally:
+            torch.set_num_threads(threads)
+
+    def _pack(self, adapter: ServingAdapter) -> tuple[Tensor, Tensor, int, int] | None:
+        """This module's targets of `adapter` as one A [T*r, in] and one scaled B [end - start, T*r], built
+        at first use (engine thread) and kept with the adapter; None if it targets none of them."""
+        if self.key not in adapter.packs:
+            adapter.packs[self.key] = stack_targets(adapter, self.layer, self.columns)
+        return adapter.packs[self.key]
+
+
+def stack_targets(adapter: ServingAdapter, layer: int, columns: dict[str, tuple[int, int]]):
+    """(A stacked by rows, block-diagonal scale * B over the covered columns, first column, end column)."""
+    present = [(target, span) for target, span in columns.items() if (layer, target) in adapter.weights]
+    if not present:
+        return None
+    start, end = min(span[0] for _, span in present), max(span[1] for _, span in present)
+    a = torch.cat([adapter.weights[(layer, target)][0] for target, _ in present])
+    b = torch.zeros(end - start, a.shape[0], dtype=a.dtype, device=a.device)
+    for index, (target, (first, last)) in enumerate(present):
+        rank = adapter.rank
+        b[first - start:last - start, index * rank:(index + 1) * rank] = adapter.weights[(layer, target)][1] * adapter.scale
+    return a.contiguous(), b, start, end
 
 
 def hook_sites(block: nn.Module, config: ModelConfig) -> list[tuple[nn.Module, str, dict[str, tuple[int, int]]]]:
