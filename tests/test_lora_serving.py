@@ -389,3 +389,38 @@ def test_bad_lora_flags_fail_before_the_server_starts(lora_dirs, tiny_model_dir)
                              ([f"a={lora_dirs['root']}/missing"], "--lora a: .*adapter folder not found")):
         with pytest.raises(HearthError, match=message):
             create_app(settings=load_settings(models=[str(tiny_model_dir)], lora=entries))
+
+
+def test_n_choices_keep_their_adapter(lora_engine, tokenizer):
+    prompt = prompts(tokenizer, 3)[2]
+    single = run_all(lora_engine, [(prompt, "alpha")])[0][0]
+
+    async def two_choices():
+        params = SamplingParams(max_tokens=20, temperature=0, n=2)
+        choices: dict[int, list[int]] = {}
+        async for output in lora_engine.generate(GenerationRequest("n2", list(prompt), params, lora="alpha")):
+            for delta in output.deltas:
+                choices.setdefault(delta.index, []).extend(delta.token_ids)
+        return choices
+
+    choices = asyncio.run(two_choices())
+    assert choices[0] == choices[1] == single  # greedy: the forked choice decodes with the adapter too
+
+
+def test_a_peft_adapter_on_an_int8_base_serves_and_is_batch_invariant(tiny_model_dir, lora_dirs, tokenizer, tmp_path):
+    """Quantized bases take PEFT adapters (the delta is added to the quantized matmul's output)."""
+    from model.quant import quantize_checkpoint
+
+    quantized = quantize_checkpoint(tiny_model_dir, tmp_path / "int8", "int8").out
+    engine = Engine.from_checkpoint(quantized, EngineConfig(dtype="float32", max_num_seqs=8, max_num_batched_tokens=48))
+    engine.start()
+    try:
+        load_adapter(engine, "peft", lora_dirs["peft"], quantized)
+        with pytest.raises(AdapterError, match="quantized"):  # a Hearth adapter records its unquantized base
+            load_adapter(engine, "alpha", lora_dirs["alpha"], quantized)
+        jobs = list(zip(prompts(tokenizer, 4), ["peft", None, "peft", None]))
+        alone = [run_all(engine, [job])[0][:2] for job in jobs]
+        assert [result[:2] for result in run_all(engine, jobs)] == alone
+        assert alone[0][0] != run_all(engine, [(jobs[0][0], None)])[0][0]
+    finally:
+        engine.shutdown()

@@ -298,10 +298,6 @@ class Engine:
             del self._lora_users[name]
             return self._loras.pop(name)
 
-    def loras(self) -> dict[str, ServingAdapter]:
-        with self._lock:
-            return dict(self._loras)
-
     def _pin_lora_locked(self, name: str | None) -> ServingAdapter | None:
         if name is None:
             return None
