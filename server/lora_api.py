@@ -30,6 +30,7 @@ from model.errors import HearthError
 from server.adapters import AdapterTable, check_lora_entries, choose_base, load_into_engine
 from server.generation import parse_body
 from server.http_errors import APIError
+from server.openapi import OpenAIError
 
 logger = logging.getLogger("hearth.server")
 router = APIRouter(tags=["lora"])
@@ -45,6 +46,21 @@ class LoadLoRARequest(BaseModel):
 class UnloadLoRARequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     lora_name: str
+
+
+class LoRAAnswer(BaseModel):
+    status: str  # "ok"
+    lora_name: str
+    message: str  # vLLM's text: "Success: LoRA adapter 'NAME' added successfully."
+    parent: str | None = None  # load: the base model it serves on
+    lora_path: str | None = None  # load: the folder it was read from
+
+
+def documented(request_model: type[BaseModel], *errors: tuple[int, str]) -> dict[str, Any]:
+    """FastAPI route options documenting a body the route parses itself (server/openapi.py) and its errors."""
+    body = {"required": True, "content": {"application/json": {"schema": request_model.model_json_schema()}}}
+    responses = {status: {"description": text, "model": OpenAIError} for status, text in errors}
+    return {"openapi_extra": {"requestBody": body}, "responses": responses, "response_model": LoRAAnswer}
 
 
 def install(app: Any) -> AdapterTable:
@@ -86,8 +102,11 @@ def resolve_lora_path(lora_path: str, weights_dir: str) -> Path:
     return resolved
 
 
-@router.post("/v1/load_lora_adapter")
-async def load_lora_adapter(request: Request) -> dict[str, Any]:
+@router.post("/v1/load_lora_adapter", **documented(
+    LoadLoRARequest, (400, "bad name or path, or an adapter this base cannot serve (the message says why)"),
+    (404, "unknown base_model"), (413, "request body over the server's limit (--max-body-bytes)"),
+    (503, "the base model is still loading")))
+async def load_lora_adapter(request: Request) -> LoRAAnswer:
     body = await parse_body(request, LoadLoRARequest)
     settings, registry = request.app.state.settings, request.app.state.registry
     folder = resolve_lora_path(body.lora_path, settings.weights_dir)
@@ -96,14 +115,16 @@ async def load_lora_adapter(request: Request) -> dict[str, Any]:
     except HearthError as exc:  # AdapterError: missing files, bad config, another base, rank or targets
         raise APIError(400, str(exc), param="lora_path") from None
     logger.info("loaded LoRA adapter %s from %s on %s", model.model_id, folder, model.parent)
-    return {"status": "ok", "lora_name": model.model_id, "parent": model.parent, "lora_path": str(folder),
-            "message": f"Success: LoRA adapter '{model.model_id}' added successfully."}
+    return LoRAAnswer(status="ok", lora_name=model.model_id, parent=model.parent, lora_path=str(folder),
+                      message=f"Success: LoRA adapter '{model.model_id}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
-async def unload_lora_adapter(request: Request) -> dict[str, Any]:
+@router.post("/v1/unload_lora_adapter", **documented(
+    UnloadLoRARequest, (400, "bad body"), (404, "no adapter of that name is loaded"), (413, "request body over the limit"),
+    (409, "requests still use the adapter; retry when they finish")))
+async def unload_lora_adapter(request: Request) -> LoRAAnswer:
     body = await parse_body(request, UnloadLoRARequest)
     model = request.app.state.registry.adapters.unload(body.lora_name)
     logger.info("unloaded LoRA adapter %s from %s", model.model_id, model.parent)
-    return {"status": "ok", "lora_name": model.model_id,
-            "message": f"Success: LoRA adapter '{model.model_id}' removed successfully."}
+    return LoRAAnswer(status="ok", lora_name=model.model_id,
+                      message=f"Success: LoRA adapter '{model.model_id}' removed successfully.")
