@@ -151,7 +151,8 @@ class QueueFullError(EngineError):
 
 
 class UnknownAdapterError(InvalidRequestError):
-    """404 where the HTTP layer resolves names first: no LoRA adapter of that name is loaded."""
+    """No LoRA adapter of that name is loaded (a 400 at admission: the HTTP layer answers 404 before, when
+    it resolves the model name; this is the race with an unload in between)."""
 
     def __init__(self, name: str):
         super().__init__("model", f"no LoRA adapter named '{name}' is loaded")
