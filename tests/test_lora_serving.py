@@ -424,3 +424,17 @@ def test_a_peft_adapter_on_an_int8_base_serves_and_is_batch_invariant(tiny_model
         assert alone[0][0] != run_all(engine, [(jobs[0][0], None)])[0][0]
     finally:
         engine.shutdown()
+
+
+def test_peft_rslora_scale_and_adapters_on_some_layers_only(lora_dirs, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "rs"
+    folder.mkdir()
+    tensors = load_file(str(lora_dirs["peft"] / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".layers.1." in k}, str(folder / "adapter_model.safetensors"))
+    config = json.loads((lora_dirs["peft"] / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True, "layers_to_transform": [1]}))
+    adapter = read(folder, tiny_model_dir)
+    assert adapter.scale == pytest.approx(8.0 / 2.0)  # lora_alpha / sqrt(r), r = 4
+    assert {layer for layer, _ in adapter.weights} == {1} and adapter.targets == ["q", "v", "down"]
