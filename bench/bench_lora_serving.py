@@ -8,8 +8,8 @@ What it measures, in one process and one engine (dtype auto: the native path whe
 - `4 adapters`: the same C requests spread round-robin over 4 adapters (random A and B on all seven
   targets, Hearth format, loaded through server/engine/lora.py);
 - `half base`: half of them on the base, half over the adapters.
-Rounds alternate base / adapters / half, and the table shows each one's median; the ratio is against
-the base. Steps with any adapter row run the per-layer path plus the grouped deltas (see
+Rounds alternate base / adapters / half, and the table shows each one's median and its ratio to the
+base's, then the ratio within each round (neighbours in time: on a shared machine, the steadier figure). Steps with any adapter row run the per-layer path plus the grouped deltas (see
 server/engine/lora.py), steps with base rows only the one-call native decoder.
 The machine is shared and noisy: compare rows of one run. Not a test; nothing asserts.
 """
@@ -147,10 +147,11 @@ def report(results: dict[str, list[float]], engine, args) -> None:
     print(f"\n{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
           f"engine {engine.compute()}; {args.concurrency} concurrent, {args.max_tokens} tokens each, "
           f"rank {args.rank}, median of {args.rounds} rounds")
-    print("| requests | tok/s | vs base |\n|---|---|---|")
+    print("| requests | tok/s | vs base | vs base, round by round |\n|---|---|---|---|")
     for mix, values in results.items():
         median = statistics.median(values)
-        print(f"| {mix} | {median:.1f} | {median / base:.2f}x |")
+        rounds = ", ".join(f"{value / base_value:.2f}" for value, base_value in zip(values, results["base"]))
+        print(f"| {mix} | {median:.1f} | {median / base:.2f}x | {rounds} |")
 
 
 if __name__ == "__main__":
