@@ -51,7 +51,7 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import ollama_api, openai_api, responses_api
+    from server import lora_api, ollama_api, openai_api, responses_api
 
     settings = settings or load_settings()
     if engines is not None:
@@ -83,6 +83,7 @@ def create_app(
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
     app.include_router(embeddings_router)  # /v1/embeddings, /api/embed, /api/embeddings (server/embeddings_api.py)
+    lora_api.install(app)  # LoRA adapters as models, /v1/load_lora_adapter (server/lora_api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.

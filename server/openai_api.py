@@ -139,7 +139,8 @@ def event_stream_response(chunks: AsyncIterator[str], streams: list[AdmittedStre
 @router.get("/models")
 async def list_models(request: Request) -> ModelList:
     registry = registry_of(request)
-    return ModelList(data=[model_card(registry.get(model_id)) for model_id in registry.models])
+    model_ids = [*registry.models, *(registry.adapters or ())]  # base models, then LoRA adapters
+    return ModelList(data=[model_card(registry.get(model_id)) for model_id in model_ids])
 
 
 @router.get("/models/{model_id}")
@@ -149,7 +150,8 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 
 def model_card(served: ServedModel) -> ModelCard:
     return ModelCard(id=served.model_id, created=served.created, max_model_len=served.max_seq_len,
-                     compute=served.engine.compute() if hasattr(served.engine, "compute") else None)
+                     compute=served.engine.compute() if hasattr(served.engine, "compute") else None,
+                     parent=getattr(served, "parent", None))
 
 
 # -------------------------------------------------------------------- chat

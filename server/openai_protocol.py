@@ -379,6 +379,7 @@ class ModelCard(BaseModel):
     owned_by: str = "hearth"
     max_model_len: int | None = None  # vLLM's extra: the context length
     compute: dict[str, str] | None = None  # Hearth's extra: device, dtype, native_isa, native_decoder
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

@@ -120,6 +120,7 @@ class ModelRegistry:
     load_error: str | None = None  # set when a checkpoint failed to load
     owned: set[str] = field(default_factory=set)  # ids whose engines we built, and so shut down
     on_ready: list[Callable[[ServedModel], None]] = field(default_factory=list)  # hooks run as each model is ready
+    adapters: Any = None  # server/adapters.AdapterTable: LoRA adapters served as models (server/lora_api.py)
 
     @classmethod
     def from_entries(cls, entries: list[tuple[str, Path]]) -> "ModelRegistry":
@@ -153,6 +154,8 @@ class ModelRegistry:
             model_id = model_id.removesuffix(":latest")
         if model_id in self.models:
             return self.models[model_id]
+        if self.adapters is not None and model_id in self.adapters:
+            return self.adapters.get(model_id)
         if model_id in self.pending:
             status = self.load_error or "model is still loading; retry shortly"
             raise APIError(503, f"{model_id}: {status}", code="model_loading", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

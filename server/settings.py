@@ -78,6 +78,13 @@ class ServerSettings(BaseSettings):
     pooling: str = Field("mean", description="embeddings: mean (over the input's final hidden states) or last (token)")
     embed_normalize: bool = Field(True, description="embeddings: L2-normalize vectors (a request's embd_normalize overrides)")
 
+    # LoRA adapters (server/lora_api.py)
+    lora: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="LoRA adapter to serve as model NAME: NAME=ADAPTER_DIR (repeatable; "
+        "Hearth or PEFT folder)")
+    weights_dir: str = Field("weights", description="folder POST /v1/load_lora_adapter may read adapters from")
+    max_lora_rank: int = Field(64, ge=1, description="largest LoRA adapter rank accepted")
+
     # State
     data_dir: str = Field("~/.hearth", description="folder for server state: stored /v1/responses (SQLite, created on first use)")
     responses_max_count: int = Field(1000, ge=1, description="stored responses kept at most (oldest dropped first)")
@@ -87,7 +94,7 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("info", description="critical, error, warning, info or debug")
     shutdown_timeout: float = Field(10.0, ge=0, description="seconds running streams get to finish on SIGTERM before they are cancelled")
 
-    _split_lists = field_validator("models", "cors_origins", mode="before")(_split_commas)
+    _split_lists = field_validator("models", "cors_origins", "lora", mode="before")(_split_commas)
 
     @field_validator("models")
     @classmethod
@@ -166,6 +173,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{info.description} [env {ENV_PREFIX}{name.upper()}]"
         if name == "models":
             parser.add_argument("--model", "--models", dest=name, action="append", default=None, help=help_text)
+        elif name == "lora":
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
         elif info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -179,6 +188,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    if "models" in overrides:  # repeated --model flags, each possibly comma-separated
-        overrides["models"] = [part for value in overrides["models"] for part in _split_commas(value)]
+    for name in ("models", "lora"):  # repeated --model / --lora flags, each possibly comma-separated
+        if name in overrides:
+            overrides[name] = [part for value in overrides[name] for part in _split_commas(value)]
     return load_settings(**overrides)

@@ -29,6 +29,9 @@ Design choices:
 - Embeddings: `embed()` admits a prefill-only sequence into the same batch
   as generation (server/engine/pooling.py says how it flows); its pooled vector
   is delivered, and its blocks freed, in the step that computes its last row.
+- LoRA adapters (server/engine/lora.py) are added and removed under the lock, from any thread;
+  a request names one (`GenerationRequest.lora`) and pins it from admission to its end, so an
+  adapter in use is never removed (AdapterBusyError) and a running step never loses its weights.
 - `dtype` "auto" is what the CPU computes natively (`auto_dtype`): fp32 on AVX2
   and NEON, bf16 on AVX-512 BF16 (model/native.py's paths) and on CUDA.
 """
@@ -54,11 +57,13 @@ from model.tokenizer import Tokenizer
 from server.engine import cpu_fast, step_loop
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCacheManager, PagedKVCache
+from server.engine.lora import ServingAdapter
 from server.engine.pooling import EmbeddingPooler
 from server.engine.sampling import SampleResult, SequenceSampler
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence, TokenEvent
 from server.engine.types import (
     POOLING_METHODS,
+    AdapterBusyError,
     CompletionDelta,
     ContextOverflowError,
     EmbeddingOutput,
@@ -70,6 +75,7 @@ from server.engine.types import (
     RequestFailedError,
     RequestOutput,
     SamplingParams,
+    UnknownAdapterError,
     Usage,
 )
 from server.engine.worker import ModelWorker, SampleResults
@@ -94,6 +100,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse KV of identical full-block prefixes
     pooling: str = "mean"  # embeddings: mean over the prompt's final hidden states, or the last token's
     embed_normalize: bool = True  # embeddings: L2-normalize the pooled vector
+    max_lora_rank: int = 64  # largest LoRA adapter rank add_lora accepts
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -183,6 +190,7 @@ class _RequestState:
     completion_tokens: int = 0  # summed over choices
     finished_choices: set[int] = field(default_factory=set)
     pooler: EmbeddingPooler | None = None  # set for an embedding request
+    lora: ServingAdapter | None = None  # the adapter it pinned at admission
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -225,6 +233,8 @@ class Engine:
         self._started = False
         self._stopped = threading.Event()
         self._stopping = False
+        self._loras: dict[str, ServingAdapter] = {}  # loaded adapters by name; guarded by _lock
+        self._lora_users: dict[str, int] = {}  # requests admitted and not finished, per adapter; guarded by _lock
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> "Engine":
@@ -276,6 +286,39 @@ class Engine:
             kv_blocks_used=self.kv_manager.num_used_blocks,
             prefix_cache_hit_tokens=self.scheduler.prefix_cache_hit_tokens,
         )
+
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def add_lora(self, adapter: ServingAdapter) -> None:
+        """Serve `adapter` (already checked against this base: server/engine/lora.py) under its name."""
+        adapter.to(self.worker.device)
+        with self._lock:
+            if adapter.name in self._loras:
+                raise HearthError(f"a LoRA adapter named '{adapter.name}' is already loaded")
+            self.worker.enable_lora()
+            self._loras[adapter.name] = adapter
+            self._lora_users[adapter.name] = 0
+
+    def remove_lora(self, name: str) -> ServingAdapter:
+        """Stop serving an adapter; AdapterBusyError while requests use it."""
+        with self._lock:
+            if name not in self._loras:
+                raise UnknownAdapterError(name)
+            users = self._lora_users[name]
+            if users:
+                raise AdapterBusyError(f"LoRA adapter '{name}' has {users} request(s) running or queued; "
+                                       "unload it when they finish")
+            del self._lora_users[name]
+            return self._loras.pop(name)
+
+    def _pin_lora_locked(self, name: str | None) -> ServingAdapter | None:
+        if name is None:
+            return None
+        adapter = self._loras.get(name)
+        if adapter is None:
+            raise UnknownAdapterError(name)
+        self._lora_users[name] += 1
+        return adapter
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -359,6 +402,7 @@ class Engine:
             if not self._has_free_slot_locked() and waiting >= self.config.max_waiting:
                 raise QueueFullError(f"the server is busy: the waiting queue is full ({waiting} waiting for a free "
                                      f"slot, limit {self.config.max_waiting}: --max-waiting); retry later")
+            state.lora = self._pin_lora_locked(request.lora)
             self._num_unadmitted += 1
             self._submitted.add(request.request_id)
             self._inbox.append(state)
@@ -440,7 +484,8 @@ class Engine:
         if not params.ignore_eos:
             stop_ids |= set(self._tokenizer.stop_ids)
         seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), params,
-                       frozenset(stop_ids), sampler=state.samplers[0], fork_samplers=state.samplers[1:])
+                       frozenset(stop_ids), sampler=state.samplers[0], fork_samplers=state.samplers[1:],
+                       lora=state.lora, cache_salt=state.lora.cache_key if state.lora else None)
         state.first_seq = seq
         self._requests[request.request_id] = state
         self.scheduler.add_sequence(seq)
@@ -618,3 +663,5 @@ class Engine:
             self._submitted.discard(request_id)
             if state is not None and state.first_scheduled_time is None:
                 self._num_unadmitted -= 1
+            if state is not None and state.lora is not None:
+                self._lora_users[state.lora.name] -= 1

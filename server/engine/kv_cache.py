@@ -66,10 +66,12 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> by
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def extend_block_hashes(block_hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
-    """Append the hashes of the full blocks of token_ids not hashed yet."""
+def extend_block_hashes(block_hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                        salt: bytes | None = None) -> None:
+    """Append the hashes of the full blocks of token_ids not hashed yet; `salt` (a LoRA adapter's
+    cache key) seeds the chain, so prefixes computed by different weights never match."""
     for index in range(len(block_hashes), len(token_ids) // block_size):
-        parent = block_hashes[index - 1] if index else None
+        parent = block_hashes[index - 1] if index else salt
         block_hashes.append(hash_block_tokens(parent, token_ids[index * block_size:(index + 1) * block_size]))
 
 

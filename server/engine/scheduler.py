@@ -69,6 +69,8 @@ class Sequence:
     sampler: Any = None  # its SequenceSampler (the engine's; the scheduler only carries it)
     fork_samplers: list[Any] = field(default_factory=list)  # samplers of choices 1..n-1, used at the fork
     pooler: Any = None  # an embedding request's EmbeddingPooler (server/engine/pooling.py): prefill only, never sampled
+    lora: Any = None  # its LoRA adapter (server/engine/lora.py; the worker's), None: the base model
+    cache_salt: bytes | None = None  # seeds its block hashes: the adapter's cache key, so prefixes are per adapter
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +144,7 @@ class Scheduler:
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a request's first sequence (its other n-1 choices are forked from it)."""
-        extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size, seq.cache_salt)
         seq.num_pending_forks = seq.params.n - 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
@@ -276,7 +278,7 @@ class Scheduler:
 
     def _append_token(self, seq: Sequence, token_id: int, sampled_seq_id: int, sample_index: int) -> TokenEvent:
         seq.token_ids.append(token_id)
-        extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, self.config.block_size, seq.cache_salt)
         stopped_by_token = token_id in seq.stop_token_ids
         reason = None
         if stopped_by_token:
@@ -299,6 +301,7 @@ class Scheduler:
                 block_hashes=list(parent.block_hashes[:parent.num_prompt_tokens // self.config.block_size]),
                 num_cached_tokens=parent.num_cached_tokens,
                 sampler=parent.fork_samplers[offset] if offset < len(parent.fork_samplers) else None,
+                lora=parent.lora, cache_salt=parent.cache_salt,
             )
             self.seqs_by_request[parent.request_id].append(child)
             self._start_child(parent, child)

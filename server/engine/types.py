@@ -74,6 +74,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # name of a LoRA adapter loaded into the engine (Engine.add_lora); None: the base
 
 
 POOLING_METHODS = ("mean", "last")  # how an embedding request's final-normed hidden states become one vector
@@ -173,6 +174,19 @@ class ContextOverflowError(InvalidRequestError):
 
 class QueueFullError(EngineError):
     """429/503: the bounded waiting queue is full; retry later."""
+
+
+class UnknownAdapterError(InvalidRequestError):
+    """No LoRA adapter of that name is loaded (a 400 at admission: the HTTP layer answers 404 before, when
+    it resolves the model name; this is the race with an unload in between)."""
+
+    def __init__(self, name: str):
+        super().__init__("model", f"no LoRA adapter named '{name}' is loaded")
+        self.name = name
+
+
+class AdapterBusyError(EngineError):
+    """409: an adapter cannot be unloaded while requests use it."""
 
 
 class RequestFailedError(EngineError):

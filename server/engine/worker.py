@@ -22,6 +22,9 @@ Design choices:
   layers of a step run in one native call (cpu_fast.NativeDecoder).
 - Embedding requests (prefill-only sequences, server/engine/pooling.py) take
   their rows of the same hidden states; they have no sample.
+- LoRA adapters (server/engine/lora.py): once one is loaded, the targeted linears carry a hook
+  that adds each adapter's delta to its own rows; a step with any adapter row runs the per-layer
+  path, since the native one-call decoder has no per-row hook.
 - Sampling failures stay per sequence: `sample_batch` returns an exception in
   that row's slot. An exception in the forward itself propagates: the engine
   fails the step's requests and carries on.
@@ -36,6 +39,7 @@ from model.decoder import Transformer
 from server.engine.cpu_fast import NativeDecoder, can_pack, native_linear_weights, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
 from server.engine.pooling import pool_rows
+from server.engine.lora import LoRAStep, install_hooks
 from server.engine.sampling import SampleResult, sample_batch
 from server.engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -57,6 +61,15 @@ class ModelWorker:
             # every matmul of a step is a native kernel, whose rows do not depend on the row count:
             # no padding (MKL's probe would pad a decode row to 4 in fp32)
             self.row_multiple = self.cache.row_multiple = 1
+        self.lora_step: LoRAStep | None = None  # set by enable_lora (the first adapter load)
+
+    def enable_lora(self) -> None:
+        """Wrap the targeted linears in LoRA hooks (once). Safe between or during steps: a hook
+        with no adapter rows computes exactly what it wraps."""
+        if self.lora_step is None:
+            step = LoRAStep(find_row_multiple(torch.float32, self.device))
+            install_hooks(self.model, step)
+            self.lora_step = step
 
     def padded(self, num_rows: int) -> int:
         return -(-num_rows // self.row_multiple) * self.row_multiple
@@ -71,16 +84,27 @@ class ModelWorker:
         tokens, positions = self._inputs(ordered)
         chunks = [SequenceChunk(item.start_position, item.num_tokens, item.block_ids) for item in ordered]
         self.cache.metadata = self.cache.build_metadata(chunks, tokens.shape[1])
+        lora_groups = self._lora_groups(ordered)
         try:
-            hidden = self._hidden_states(tokens, positions)  # [rows, dim]
+            hidden = self._hidden_states(tokens, positions, native_ok=not lora_groups)  # [rows, dim]
         finally:
             self.cache.metadata = None
+            if lora_groups:
+                self.lora_step.groups = []
         pool_rows(ordered, hidden)  # embedding requests' rows (server/engine/pooling.py)
         return self._sample(ordered, hidden)
 
-    def _hidden_states(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def _lora_groups(self, ordered: list[ScheduledSequence]) -> list:
+        """The step's rows grouped by LoRA adapter, handed to the hooks (empty: base rows only)."""
+        if self.lora_step is None or not any(item.seq.lora is not None for item in ordered):
+            return []
+        row_adapters = [item.seq.lora for item in ordered for _ in range(item.num_tokens)]
+        self.lora_step.groups = self.lora_step.plan(row_adapters, self.device)
+        return self.lora_step.groups
+
+    def _hidden_states(self, tokens: Tensor, positions: Tensor, native_ok: bool = True) -> Tensor:
         """tokens, positions: [1, rows] -> final-normed hidden states [rows, dim]."""
-        if self.native_decoder is not None:
+        if self.native_decoder is not None and native_ok:
             return self.native_decoder.hidden_states(tokens[0], positions[0])
         return self.model.hidden_states(tokens, positions, self.cache)[0]
 
