@@ -55,6 +55,11 @@ class AdapterEngine:
     def generate(self, request: Any) -> Any:
         return self.base.engine.generate(replace(request, lora=self.lora_name))
 
+    async def embed(self, request: Any) -> Any:
+        """Refused: embeddings are the base's hidden states, and an adapter's would need its deltas too."""
+        raise APIError(400, f"model: '{self.lora_name}' is a LoRA adapter; embeddings come from base models "
+                            f"(use '{self.base.model_id}')", param="model")
+
 
 def adapter_model(base: ServedModel, name: str, path: Path) -> AdapterModel:
     facts = {f.name: getattr(base, f.name) for f in fields(ServedModel)}

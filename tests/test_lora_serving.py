@@ -438,3 +438,12 @@ def test_peft_rslora_scale_and_adapters_on_some_layers_only(lora_dirs, tiny_mode
     adapter = read(folder, tiny_model_dir)
     assert adapter.scale == pytest.approx(8.0 / 2.0)  # lora_alpha / sqrt(r), r = 4
     assert {layer for layer, _ in adapter.weights} == {1} and adapter.targets == ["q", "v", "down"]
+
+
+def test_embeddings_for_an_adapter_are_refused_naming_its_base(lora_server, tiny_model_dir):
+    """Embeddings are the base's hidden states; an adapter name must not silently give the base's vectors."""
+    for route, body in (("/v1/embeddings", {"input": "hello"}), ("/api/embed", {"input": "hello"})):
+        response = lora_server.post(route, json={**body, "model": "alpha"})
+        assert response.status_code == 400, (route, response.text)
+        assert "alpha" in response.text and tiny_model_dir.name in response.text
+    assert lora_server.post("/v1/embeddings", json={"input": "hello", "model": tiny_model_dir.name}).status_code == 200

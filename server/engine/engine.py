@@ -402,7 +402,7 @@ class Engine:
             if not self._has_free_slot_locked() and waiting >= self.config.max_waiting:
                 raise QueueFullError(f"the server is busy: the waiting queue is full ({waiting} waiting for a free "
                                      f"slot, limit {self.config.max_waiting}: --max-waiting); retry later")
-            state.lora = self._pin_lora_locked(request.lora)
+            state.lora = self._pin_lora_locked(getattr(request, "lora", None))  # embeddings: the base
             self._num_unadmitted += 1
             self._submitted.add(request.request_id)
             self._inbox.append(state)
