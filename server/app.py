@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model.chat import encode_chat
 from server.engine.types import InvalidRequestError
-from server.generation import parse_body
+from server.core.http import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
 from server.memory import start_trimming, stop_trimming, tune_malloc
 from server.openapi import install_openapi
@@ -50,7 +50,9 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import ollama_api, openai_api, responses_api
+    from server.ollama.router import router as ollama_router
+    from server.openai.router import router as openai_router
+    from server.responses.serving import router as responses_router
 
     settings = settings or load_settings()
     if engines is not None:
@@ -78,9 +80,9 @@ def create_app(
     app.state.registry = registry
     app.state.settings = settings
     app.include_router(core_router)
-    app.include_router(openai_api.router)
-    app.include_router(ollama_api.router)
-    app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
+    app.include_router(openai_router)  # server/openai/
+    app.include_router(ollama_router)  # server/ollama/
+    app.include_router(responses_router)  # /v1/responses (server/responses/)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.

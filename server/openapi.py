@@ -99,8 +99,8 @@ class RouteDoc:
 def route_docs() -> dict[tuple[str, str], RouteDoc]:
     """(path, method) -> its documentation; imported late, as the protocol modules import the app's pieces."""
     from server.app import DetokenizeRequest, TokenizeRequest
-    from server.ollama_protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
-    from server.openai_protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
+    from server.ollama.protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
+    from server.openai.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
 
     return {
         ("/v1/chat/completions", "post"): RouteDoc(ChatCompletionRequest, ChatCompletion, SSE, GENERATION_ERRORS,

@@ -189,6 +189,9 @@ class ArgumentsDelta:
 @dataclass
 class CallEnd:
     index: int
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""  # the call's whole arguments (raw JSON text)
 
 
 _CALL_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
@@ -289,9 +292,10 @@ class ToolCallParser:
         self.calls += 1
 
     def _end_call(self, events: list[Any], arguments: str) -> None:
-        self.finished_calls.append({**self.current, "arguments": arguments})
+        call = {**self.current, "arguments": arguments}
+        self.finished_calls.append(call)
         self.current = None
-        events.append(CallEnd(self.calls - 1))
+        events.append(CallEnd(self.calls - 1, call["id"], call["name"], arguments))
         self.in_call, self.arguments_sent, self.head_length = False, -1, 0
 
 
@@ -334,21 +338,3 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     events = parser.feed(text) + parser.finish()
     content = "".join(event.text for event in events if isinstance(event, TextEvent)) + parser.unfinished
     return content, parser.finished_calls
-
-
-def with_tool_calls(make_object: Any) -> Any:
-    """Wrap an answer-object builder `make_object(text, logprobs, final)` (Ollama's) so that calls in
-    the text become `message.tool_calls` (arguments as objects), each sent once it is complete."""
-    parser = ToolCallParser()
-
-    def make(text: str, logprobs: Any, final: Any) -> Any:
-        events = parser.feed(text) + (parser.finish() if final is not None else [])
-        content = "".join(event.text for event in events if isinstance(event, TextEvent))
-        content += parser.unfinished if final is not None else ""  # a call cut off by num_predict: never sent as a call
-        calls = [parser.finished_calls[event.index] for event in events if isinstance(event, CallEnd)]
-        answer = make_object(content.strip() if parser.calls else content, logprobs, final)
-        if calls:
-            answer.message.tool_calls = [{"function": {"name": c["name"], "arguments": json.loads(c["arguments"])}} for c in calls]
-        return answer
-
-    return make

@@ -346,7 +346,7 @@ class Engine:
 
     def _check(self, request: GenerationRequest) -> None:
         params, prompt = request.params, request.prompt_ids
-        params.validate(self.model.config.vocab_size)
+        params.check_against(self.model.config.vocab_size)  # the rest was checked when params were made
         if not prompt:
             raise InvalidRequestError("prompt", "prompt is empty")
         vocab_size = self.model.config.vocab_size
