@@ -84,8 +84,8 @@ async def admit(served: Any, job: GenerationInput, request_id: str, names: Mappi
 
 
 def sampling_params(fields: Mapping[str, Any], prompt_tokens: int, limit: int) -> SamplingParams:
-    max_tokens = fields.get("max_tokens") or remaining_context(prompt_tokens, limit)
-    return SamplingParams(**{**fields, "max_tokens": max_tokens})
+    max_tokens = fields.get("max_tokens")
+    return SamplingParams(**{**fields, "max_tokens": remaining_context(prompt_tokens, limit) if max_tokens is None else max_tokens})
 
 
 def remaining_context(prompt_tokens: int, context_limit: int) -> int:
