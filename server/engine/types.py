@@ -9,9 +9,10 @@ OpenAI/Ollama protocol layers, so each can be built and tested on its own.
         for delta in output.deltas: ...        # one per choice that advanced
         if output.usage: ...                   # set on the last output only
 
-Admission errors (`QueueFullError`, `ContextOverflowError`,
-`InvalidRequestError`) are raised by `generate()` before anything is
-yielded; a failure while running raises `RequestFailedError` mid-stream.
+A bad parameter raises `InvalidRequestError` when the `SamplingParams` is
+made (its `param` is the field name); admission errors (`QueueFullError`,
+`ContextOverflowError`, `InvalidRequestError` for what depends on the model)
+are raised by `generate()` before anything is yielded; a failure while running raises `RequestFailedError` mid-stream.
 Breaking out of the `async for` (client gone) cancels the request.
 """
 

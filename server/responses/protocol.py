@@ -84,19 +84,11 @@ def item_text(content: Any, where: str) -> str:
 
 
 def tool_config(body: ResponsesRequest) -> ToolConfig | None:
-    """Responses' flat function tools -> the chat shape; errors name the Responses field."""
-    tools = None
-    if body.tools:
-        tools = []
-        for index, tool in enumerate(body.tools):
-            if tool.get("type") != "function":
-                raise InvalidRequestError(f"tools[{index}].type", f"tools[{index}].type: only function tools are supported")
-            tools.append({"type": "function", "function": {k: tool.get(k) for k in ("name", "description", "parameters") if tool.get(k) is not None}})
-    try:
-        return ToolConfig.from_openai(tools, body.tool_choice, body.parallel_tool_calls)
-    except InvalidRequestError as exc:
-        param = (exc.param or "").replace(".function.", ".")
-        raise InvalidRequestError(param, str(exc).replace(".function.", ".")) from None
+    """Responses' flat function tools -> a ToolConfig; errors name the Responses field (tools[i].name)."""
+    for index, tool in enumerate(body.tools or []):
+        if tool.get("type") != "function":
+            raise InvalidRequestError(f"tools[{index}].type", f"tools[{index}].type: only function tools are supported")
+    return ToolConfig.from_openai(body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
 
 
 def format_spec(body: ResponsesRequest) -> GrammarSpec | None:
