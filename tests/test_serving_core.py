@@ -46,8 +46,8 @@ def test_a_bad_value_is_refused_on_construction_naming_the_engine_field(field, v
 
 
 @pytest.mark.parametrize("bias, message", [
-    ({"abc": 1.0}, "is not a token id"),
-    ({"5_0": 1.0}, "is not a token id"),
+    ({"abc": 1.0}, "keys must be token ids, got 'abc'"),
+    ({"5_0": 1.0}, "keys must be token ids"),
     ({3: math.inf}, "must be a finite number"),
     ({3: "x"}, "is not a token id and a number"),
 ])

@@ -109,9 +109,9 @@ def _checked_logit_bias(logit_bias: Mapping[Any, Any]) -> dict[int, float]:
     """{token id: finite float}; keys as ints ({5: x, "5": y} must not write token 5 twice)."""
     checked: dict[int, float] = {}
     for token, value in dict(logit_bias).items():
+        if not isinstance(token, int) and not str(token).lstrip("-").isdigit():  # JSON keys are strings: "5"
+            raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {token!r}")
         try:
-            if not isinstance(token, int) and not str(token).lstrip("-").isdigit():  # JSON keys are strings: "5"
-                raise ValueError(token)
             token_id, bias = int(token), float(value)
         except (TypeError, ValueError):
             raise InvalidRequestError("logit_bias", f"logit_bias entry {token!r}: {value!r} is not a token id and a number") from None
