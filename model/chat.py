@@ -37,7 +37,14 @@ _ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
 class ChatFormatError(HearthError):
-    """A conversation that cannot be formatted (unknown role, content not text...)."""
+    """A conversation that cannot be formatted (unknown role, content not text...).
+
+    `field` is the offending part of the request ("messages[2].role"); None: the conversation as a whole.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -49,19 +56,19 @@ class EncodedChat:
 def message_text(message: Any, index: int) -> tuple[str, str]:
     """Validate one message; returns (role, content). Content may be a list of text parts."""
     if not isinstance(message, dict):
-        raise ChatFormatError(f"messages[{index}]: expected an object with 'role' and 'content'")
+        raise ChatFormatError(f"messages[{index}]: expected an object with 'role' and 'content'", f"messages[{index}]")
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
-        raise ChatFormatError(f"messages[{index}].role: unknown role {role!r}, expected one of {', '.join(ROLES)}")
+        raise ChatFormatError(f"messages[{index}].role: unknown role {role!r}, expected one of {', '.join(ROLES)}", f"messages[{index}].role")
     if isinstance(content, list):
         parts = [p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None for p in content]
         if any(not isinstance(p, str) for p in parts):
-            raise ChatFormatError(f"messages[{index}].content: only text parts are supported")
+            raise ChatFormatError(f"messages[{index}].content: only text parts are supported", f"messages[{index}].content")
         content = "".join(parts)
     if content is None and role == "assistant":
         content = ""
     if not isinstance(content, str):
-        raise ChatFormatError(f"messages[{index}].content: expected a string or a list of text parts")
+        raise ChatFormatError(f"messages[{index}].content: expected a string or a list of text parts", f"messages[{index}].content")
     return role, content
 
 
@@ -70,7 +77,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Any], add_generation_pr
     """Token ids (and the assistant loss mask) for a conversation; tools in OpenAI's
     {"type": "function", "function": {...}} shape are rendered by the template."""
     if not messages:
-        raise ChatFormatError("messages: must contain at least one message")
+        raise ChatFormatError("messages: must contain at least one message", "messages")
     turns = [message_text(m, i) for i, m in enumerate(messages)]
     if tokenizer.info.chat_template == "jinja":
         return _encode_jinja(tokenizer, _jinja_messages(messages, turns), add_generation_prompt, tools)
@@ -106,7 +113,7 @@ def tool_call_text(call: Any, where: str) -> str:
     as the template writes it."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise ChatFormatError(f"{where}: a tool call needs function.name")
+        raise ChatFormatError(f"{where}: a tool call needs function.name", where)
     body = {"name": function["name"], "arguments": call_arguments(function.get("arguments"), where)}
     return TOOL_CALL_OPEN + json.dumps(body, ensure_ascii=False, separators=(",", ":")) + TOOL_CALL_CLOSE
 
@@ -118,9 +125,9 @@ def call_arguments(arguments: Any, where: str) -> dict:
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
-            raise ChatFormatError(f"{where}.function.arguments: not valid JSON") from None
+            raise ChatFormatError(f"{where}.function.arguments: not valid JSON", f"{where}.function.arguments") from None
     if not isinstance(arguments, dict):
-        raise ChatFormatError(f"{where}.function.arguments: must be a JSON object")
+        raise ChatFormatError(f"{where}.function.arguments: must be a JSON object", f"{where}.function.arguments")
     return arguments
 
 

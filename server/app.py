@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from model.chat import encode_chat
 from server.embeddings_api import router as embeddings_router
 from server.engine.types import InvalidRequestError
-from server.generation import parse_body
+from server.core.http import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
 from server.memory import start_trimming, stop_trimming, tune_malloc
 from server.openapi import install_openapi
@@ -51,7 +51,10 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import lora_api, ollama_api, openai_api, responses_api
+    from server import lora_api
+    from server.ollama.router import router as ollama_router
+    from server.openai.router import router as openai_router
+    from server.responses.serving import router as responses_router
 
     settings = settings or load_settings()
     if engines is not None:
@@ -79,9 +82,9 @@ def create_app(
     app.state.registry = registry
     app.state.settings = settings
     app.include_router(core_router)
-    app.include_router(openai_api.router)
-    app.include_router(ollama_api.router)
-    app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
+    app.include_router(openai_router)  # server/openai/
+    app.include_router(ollama_router)  # server/ollama/
+    app.include_router(responses_router)  # /v1/responses (server/responses/)
     app.include_router(embeddings_router)  # /v1/embeddings, /api/embed, /api/embeddings (server/embeddings_api.py)
     lora_api.install(app)  # LoRA adapters as models, /v1/load_lora_adapter (server/lora_api.py)
     install_error_handlers(app)

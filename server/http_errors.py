@@ -122,9 +122,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, RequestFailedError):
         return APIError(500, f"generation failed: {exc}", code="generation_failed")
     if isinstance(exc, ChatFormatError):
-        message = str(exc)
-        param = message.split(":", 1)[0] if message.startswith("messages") else "messages"
-        return APIError(400, message, param=param)
+        return APIError(400, str(exc), param=exc.field or "messages")
     if isinstance(exc, HearthError):
         return APIError(400, str(exc))
     if isinstance(exc, ValidationError):

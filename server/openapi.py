@@ -106,8 +106,8 @@ def route_docs() -> dict[tuple[str, str], RouteDoc]:
     from server.app import DetokenizeRequest, TokenizeRequest
     from server.embeddings_api import (EmbeddingList, EmbeddingsRequest, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
                                        OllamaEmbedRequest, OllamaEmbedResponse)
-    from server.ollama_protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
-    from server.openai_protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
+    from server.ollama.protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
+    from server.openai.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
 
     return {
         ("/v1/chat/completions", "post"): RouteDoc(ChatCompletionRequest, ChatCompletion, SSE, GENERATION_ERRORS,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_metadata
 from model.errors import HearthError
-from server.generation import TokenPieces
+from server.core.pieces import TokenPieces
 from server.http_errors import RETRY_AFTER_SECONDS, APIError, model_not_found
 
 logger = logging.getLogger("hearth.server")

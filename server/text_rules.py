@@ -10,7 +10,7 @@ Design choices:
   the request is refused with a 400 naming the field (OpenAI's own answer
   to it), rather than silently replaced with U+FFFD: the client learns its
   encoder is broken and no text is changed behind its back.
-- The check runs once, on the parsed JSON body (`server.generation.parse_body`),
+- The check runs once, on the parsed JSON body (`server.core.http.parse_body`),
   so it covers every string of every route: known fields, unknown ones and
   object keys alike, whatever fields the protocol models grow later.
 - The path is written as the error's `param` ("messages[0].content"), the

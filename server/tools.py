@@ -55,6 +55,7 @@ class ToolSpec:
     name: str
     description: str
     parameters: dict[str, Any]  # a JSON schema for the arguments object
+    parameters_field: str = "tools"  # where the request holds the schema (errors name it)
 
     def as_openai(self) -> dict[str, Any]:
         """The shape chat templates (transformers) and OpenAI use."""
@@ -70,15 +71,18 @@ class ToolConfig:
     parallel: bool = True
 
     @classmethod
-    def from_openai(cls, tools: Any, tool_choice: Any = None, parallel: bool | None = None, field: str = "tools") -> "ToolConfig | None":
-        """OpenAI's (and Ollama's) tools + tool_choice -> a config, or None when no tool may be called."""
+    def from_openai(cls, tools: Any, tool_choice: Any = None, parallel: bool | None = None, field: str = "tools",
+                    flat: bool = False) -> "ToolConfig | None":
+        """OpenAI's (and Ollama's) tools + tool_choice -> a config, or None when no tool may be called.
+
+        flat: the Responses API's tools, {"type", "name", "parameters"...} without the "function" level."""
         if not tools:
             if tool_choice not in (None, "none", "auto"):
                 raise InvalidRequestError("tool_choice", "tool_choice needs tools")
             return None
         if not isinstance(tools, list):
             raise InvalidRequestError(field, f"{field} must be a list of tools")
-        specs = tuple(parse_tool(tool, f"{field}[{index}]") for index, tool in enumerate(tools))
+        specs = tuple(parse_tool(tool, f"{field}[{index}]", flat) for index, tool in enumerate(tools))
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise InvalidRequestError(field, f"{field}: tool names must be unique")
@@ -110,22 +114,22 @@ class ToolConfig:
         return GrammarSpec.lark(lark, "tools")
 
 
-def parse_tool(tool: Any, where: str) -> ToolSpec:
+def parse_tool(tool: Any, where: str, flat: bool = False) -> ToolSpec:
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
         raise InvalidRequestError(f"{where}.type", f"{where}: only tools of type 'function' are supported")
-    function = tool.get("function")
+    function, path = (tool, where) if flat else (tool.get("function"), f"{where}.function")
     if not isinstance(function, dict):
-        raise InvalidRequestError(f"{where}.function", f"{where}.function must be an object with a 'name'")
+        raise InvalidRequestError(path, f"{path} must be an object with a 'name'")
     name = function.get("name")
     if not isinstance(name, str) or not TOOL_NAME.match(name):
-        raise InvalidRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'")
+        raise InvalidRequestError.for_field(f"{path}.name", "must be 1-64 letters, digits, '_', '.' or '-'")
     parameters = function.get("parameters")
     if parameters is None:
         parameters = NO_PARAMETERS
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-        raise InvalidRequestError(f"{where}.function.parameters", f"{where}.function.parameters must be a JSON schema of type object")
+        raise InvalidRequestError.for_field(f"{path}.parameters", "must be a JSON schema of type object")
     description = function.get("description") or ""
-    return ToolSpec(name, description if isinstance(description, str) else "", parameters)
+    return ToolSpec(name, description if isinstance(description, str) else "", parameters, f"{path}.parameters")
 
 
 def parse_tool_choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
@@ -152,15 +156,14 @@ def call_schema(tool: ToolSpec) -> dict[str, Any]:
     return {**schema, **definitions, "x-guidance": {"whitespace_flexible": False}}
 
 
-def parameter_specs(config: ToolConfig, field: str = "tools") -> list[GrammarSpec]:
+def parameter_specs(config: ToolConfig) -> list[GrammarSpec]:
     """One spec per callable tool's parameters: compiled first, so errors name the tool."""
-    return [GrammarSpec.json_schema(tool.parameters, f"{field}[{config.tools.index(tool)}].function.parameters")
-            for tool in config.callable_tools()]
+    return [GrammarSpec.json_schema(tool.parameters, tool.parameters_field) for tool in config.callable_tools()]
 
 
-async def tool_grammar_spec(engine: Any, config: ToolConfig, field: str = "tools") -> GrammarSpec:
+async def tool_grammar_spec(engine: Any, config: ToolConfig) -> GrammarSpec:
     """Compile each callable tool's parameters (errors name the tool), then return the call grammar."""
-    for spec in parameter_specs(config, field):
+    for spec in parameter_specs(config):
         await engine.grammars.compile_async(spec)
     return config.grammar_spec()
 
@@ -189,6 +192,9 @@ class ArgumentsDelta:
 @dataclass
 class CallEnd:
     index: int
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""  # the call's whole arguments (raw JSON text)
 
 
 _CALL_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
@@ -289,9 +295,10 @@ class ToolCallParser:
         self.calls += 1
 
     def _end_call(self, events: list[Any], arguments: str) -> None:
-        self.finished_calls.append({**self.current, "arguments": arguments})
+        call = {**self.current, "arguments": arguments}
+        self.finished_calls.append(call)
         self.current = None
-        events.append(CallEnd(self.calls - 1))
+        events.append(CallEnd(self.calls - 1, call["id"], call["name"], arguments))
         self.in_call, self.arguments_sent, self.head_length = False, -1, 0
 
 
@@ -334,21 +341,3 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     events = parser.feed(text) + parser.finish()
     content = "".join(event.text for event in events if isinstance(event, TextEvent)) + parser.unfinished
     return content, parser.finished_calls
-
-
-def with_tool_calls(make_object: Any) -> Any:
-    """Wrap an answer-object builder `make_object(text, logprobs, final)` (Ollama's) so that calls in
-    the text become `message.tool_calls` (arguments as objects), each sent once it is complete."""
-    parser = ToolCallParser()
-
-    def make(text: str, logprobs: Any, final: Any) -> Any:
-        events = parser.feed(text) + (parser.finish() if final is not None else [])
-        content = "".join(event.text for event in events if isinstance(event, TextEvent))
-        content += parser.unfinished if final is not None else ""  # a call cut off by num_predict: never sent as a call
-        calls = [parser.finished_calls[event.index] for event in events if isinstance(event, CallEnd)]
-        answer = make_object(content.strip() if parser.calls else content, logprobs, final)
-        if calls:
-            answer.message.tool_calls = [{"function": {"name": c["name"], "arguments": json.loads(c["arguments"])}} for c in calls]
-        return answer
-
-    return make

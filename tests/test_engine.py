@@ -224,10 +224,16 @@ def test_usage_record(engine, tokenizer):
     assert result.choices[0].finish_reason == "length"
 
 
-def test_a_failing_sample_fails_only_its_request(engine, tokenizer):
+def test_a_failing_sample_fails_only_its_request(engine, tokenizer, monkeypatch):
+    from server.engine.sampling import SequenceSampler
+
+    def broken_bias(self):
+        raise ValueError("logit_bias: the sampler broke")
+
+    monkeypatch.setattr(SequenceSampler, "bias_edit", broken_bias)  # only the poisoned request has a bias
     batch = prompts(tokenizer, 3)
     params = SamplingParams(max_tokens=8, temperature=0)
-    poisoned = SamplingParams(max_tokens=8, temperature=0, logit_bias={5: float("nan")})  # passes validate(), fails in the sampler
+    poisoned = SamplingParams(max_tokens=8, temperature=0, logit_bias={5: 1.0})
 
     async def scenario():
         outcomes = await asyncio.gather(collect(engine, "good-0", batch[0], params), collect(engine, "bad", batch[1], poisoned),

@@ -122,7 +122,7 @@ def test_bad_requests_are_400s_naming_the_field(server, long_model_dir, body, pa
 
 
 def test_the_store_is_bounded_by_count_and_age(tmp_path):
-    from server.response_store import ResponseStore
+    from server.responses.store import ResponseStore
 
     store = ResponseStore(tmp_path / "sub" / "responses.sqlite3", max_count=2, max_age_days=1)
     for index in range(3):

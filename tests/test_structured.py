@@ -158,9 +158,9 @@ def test_running_out_of_tokens_is_length(engine, prompt):
 
 
 def test_ignore_eos_with_a_grammar_is_refused(engine, prompt):
-    params = SamplingParams(max_tokens=5, ignore_eos=True, grammar=compiled(engine, BOUNDED))
-    with pytest.raises(InvalidRequestError) as caught:
-        asyncio.run(collect(engine, "eos", prompt, params))
+    grammar = compiled(engine, BOUNDED)
+    with pytest.raises(InvalidRequestError) as caught:  # refused when the params are made
+        asyncio.run(collect(engine, "eos", prompt, SamplingParams(max_tokens=5, ignore_eos=True, grammar=grammar)))
     assert caught.value.param == "ignore_eos"
 
 

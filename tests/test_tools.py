@@ -254,17 +254,22 @@ def test_ollama_tool_calls_streamed_and_not(server, long_model_dir):
 
 def test_ollama_answers_carry_calls_as_objects_once_complete():
     """Ollama's answer objects: streamed, each call arrives whole in one object; the same calls as the whole answer."""
-    from server.ollama_protocol import ChatResponse, ResponseMessage
-    from server.tools import with_tool_calls
+    from server.core.serving import ChoiceParser
+    from server.engine.types import CompletionDelta
+    from server.ollama.generation import MessageParts
 
-    def make_object(text, logprobs, final):
-        return ChatResponse(model="m", created_at="now", message=ResponseMessage(content=text), done=final is not None)
+    def steps(chunks):
+        parser = ChoiceParser(0, None, tools=True)
+        last = len(chunks) - 1
+        return [parser.step(CompletionDelta(0, chunk, [], None, "stop" if i == last else None)) for i, chunk in enumerate(chunks)]
 
-    whole = with_tool_calls(make_object)(TEXT, None, "final")
-    streamed_maker = with_tool_calls(make_object)
-    parts = [streamed_maker(TEXT[i:i + 4], None, None) for i in range(0, len(TEXT), 4)] + [streamed_maker("", None, "final")]
+    whole_step, = steps([TEXT])
+    whole = MessageParts().render(whole_step.parts, whole_step.finish.leftover)
+    streamed, message = [], MessageParts()
+    for step in steps([TEXT[i:i + 4] for i in range(0, len(TEXT), 4)]):
+        streamed.append(message.render(step.parts, step.finish.leftover if step.finish else ""))
     expected = [{"function": {"name": "get_weather", "arguments": {"city": 'Pa"}ris', "unit": "c"}}},
                 {"function": {"name": "now", "arguments": {}}}]
-    assert whole.message.tool_calls == expected and whole.message.content == "Let me check."
-    assert [call for part in parts for call in part.message.tool_calls or []] == expected
-    assert sum(bool(part.message.tool_calls) for part in parts) == 2
+    assert whole == ("Let me check.", expected)
+    assert [call for _, calls in streamed for call in calls or []] == expected
+    assert sum(bool(calls) for _, calls in streamed) == 2

@@ -8,8 +8,8 @@
 Design choices:
 - One background thread owns the scheduler, the KV cache and the model; the
   event loop never touches them. It is shared by every engine of the process
-  (server/engine/step_loop.py: one OpenMP team however many models are served). `generate()` checks the request (parameters,
-  context, queue bound) on the caller's side, then hands it over through a
+  (server/engine/step_loop.py: one OpenMP team however many models are served). `generate()` checks the request (what in
+  its parameters depends on the model, context, queue bound) on the caller's side, then hands it over through a
   locked inbox and waits on its own asyncio.Queue; the thread puts outputs
   there with `loop.call_soon_threadsafe`. Torch releases the GIL in its
   kernels, so HTTP stays responsive while a step computes.
@@ -425,7 +425,7 @@ class Engine:
 
     def _check(self, request: GenerationRequest) -> None:
         params, prompt = request.params, request.prompt_ids
-        params.validate(self.model.config.vocab_size)
+        params.check_against(self.model.config.vocab_size)  # the rest was checked when params were made
         if not prompt:
             raise InvalidRequestError("prompt", "prompt is empty")
         vocab_size = self.model.config.vocab_size

@@ -30,7 +30,8 @@ Design choices:
   get -inf in that row only, so greedy, seeded and unseeded draws, n > 1 and batch
   invariance work unchanged. `append` advances the matcher; a refused token surfaces as
   that row's failure at its next step.
-- Failures stay in their row: bad logit_bias entries, NaN or infinite logits come back as
+- Failures stay in their row: NaN or infinite logits, a grammar's refusal, a logit_bias
+  token outside the vocabulary (a sampler used without the engine's admission) come back as
   an exception in that row's slot; the other rows are sampled as if it were absent.
 """
 
@@ -137,12 +138,15 @@ class SequenceSampler:
         return self._counted_ids.values(), self._counts.values() * frequency + presence
 
     def bias_edit(self) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, what to add to their logits) from logit_bias, checked."""
+        """(token ids, what to add to their logits) from logit_bias (checked by SamplingParams and the engine)."""
         if not self.params.logit_bias:
             return _NO_IDS, _NO_VALUES
         if self._bias is None:
-            token_ids, values = _checked_logit_bias(self.params.logit_bias, self.vocab_size)
-            self._bias = (np.array(token_ids, dtype=np.int64), np.array(values, dtype=np.float64))
+            bias = self.params.logit_bias
+            token_ids = np.array(list(bias), dtype=np.int64)
+            if token_ids.size and not (0 <= token_ids.min() and token_ids.max() < self.vocab_size):  # would edit another row
+                raise InvalidRequestError.for_field("logit_bias", f"token ids must be in [0, {self.vocab_size})")
+            self._bias = (token_ids, np.array(list(bias.values()), dtype=np.float64))
         return self._bias
 
 
@@ -167,22 +171,6 @@ class _GrowingArray:
 
 _NO_IDS = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float64)
-
-
-def _checked_logit_bias(logit_bias: dict, vocab_size: int) -> tuple[list[int], list[float]]:
-    checked: dict[int, float] = {}  # keyed by int: {5: x, "5": y} must not write token 5 twice
-    for token, value in logit_bias.items():
-        try:
-            token_id, bias = int(token), float(value)
-        except (TypeError, ValueError):
-            message = f"logit_bias entry {token!r}: {value!r} is not a token id and a number"
-            raise InvalidRequestError("logit_bias", message) from None
-        if not 0 <= token_id < vocab_size:
-            raise InvalidRequestError("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}), got {token_id}")
-        if bias != bias or abs(bias) == float("inf"):
-            raise InvalidRequestError("logit_bias", f"logit_bias for token {token_id} must be a finite number")
-        checked[token_id] = bias
-    return list(checked), list(checked.values())
 
 
 def _choice_seed(seed: int, choice_index: int) -> int:

@@ -25,12 +25,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.engine.grammar import GrammarSpec
-from server.engine.types import InvalidRequestError, SamplingParams
+from server.engine.types import InvalidRequestError
 from server.structured import ollama_grammar_spec
 from server.tools import ToolConfig
 
-# Engine parameter name -> Ollama's name, for error messages.
-OLLAMA_PARAM_NAMES = {
+# Engine field -> Ollama's request field, for errors.
+OLLAMA_FIELD_NAMES = {
     "max_tokens": "options.num_predict",
     "temperature": "options.temperature",
     "top_k": "options.top_k",
@@ -75,22 +75,22 @@ class Options(OllamaRequest):
     def context_limit(self, model_limit: int) -> int:
         return min(self.num_ctx or model_limit, model_limit)
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_fields(self) -> dict[str, Any]:
+        """SamplingParams fields with Ollama's defaults; max_tokens None: until the context ends."""
         if self.num_predict == 0:
             raise InvalidRequestError("options.num_predict", "options.num_predict must be at least 1 (or -1 for no limit)")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else default_max_tokens,
-            temperature=0.8 if self.temperature is None else self.temperature,
-            top_k=40 if self.top_k is None else self.top_k,
-            top_p=0.9 if self.top_p is None else self.top_p,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            repetition_penalty=1.1 if self.repeat_penalty is None else self.repeat_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed if self.seed is not None and self.seed >= 0 else None,
-            stop=stop,
-        )
+        return {
+            "max_tokens": self.num_predict if self.num_predict and self.num_predict > 0 else None,
+            "temperature": 0.8 if self.temperature is None else self.temperature,
+            "top_k": 40 if self.top_k is None else self.top_k,
+            "top_p": 0.9 if self.top_p is None else self.top_p,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "repetition_penalty": 1.1 if self.repeat_penalty is None else self.repeat_penalty,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "seed": self.seed if self.seed is not None and self.seed >= 0 else None,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+        }
 
 
 class Message(OllamaRequest):
@@ -113,10 +113,9 @@ class GenerationFields(OllamaRequest):
         """`format` ("json" or a JSON schema) as an API-neutral constraint."""
         return ollama_grammar_spec(self.format)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        params = (self.options or Options()).to_sampling_params(default_max_tokens)
-        params.logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return params
+    def sampling_fields(self) -> dict[str, Any]:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return {**(self.options or Options()).sampling_fields(), "logprobs": logprobs}
 
 
 class ChatRequest(GenerationFields):
@@ -197,14 +196,16 @@ class ShowRequest(OllamaRequest):
 # --------------------------------------------------------------- responses
 
 
-class TokenLogprob(BaseModel):
+class AlternativeLogprob(BaseModel):
+    """Ollama's TokenLogprob (Go), named apart from the engine's TokenLogprob."""
+
     token: str
     logprob: float
     bytes: list[int] | None = None
 
 
-class Logprob(TokenLogprob):
-    top_logprobs: list[TokenLogprob] = Field(default_factory=list)
+class Logprob(AlternativeLogprob):
+    top_logprobs: list[AlternativeLogprob] = Field(default_factory=list)
 
 
 class ResponseMessage(BaseModel):

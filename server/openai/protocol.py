@@ -4,17 +4,19 @@ Design choices:
 - Request fields appear in the reference's order; ranges the reference
   states (temperature 0-2, top_p in (0, 1], penalties -2..2, n >= 1...) are
   pydantic constraints, so a bad value is a 400 naming the field before the
-  engine sees it. The engine's own `SamplingParams.validate` runs after as a
-  backstop (token ids in the vocabulary, n <= 16).
+  engine sees it.
 - Unknown fields are accepted (`extra="allow"`) so the route can log and
   ignore them; known-but-unsupported features (fill-in-the-middle `suffix`)
   are refused with a 400 that says so, never silently dropped.
+- Only what OpenAI's reference states is checked here; the engine's own
+  rules (n <= 16, token ids in the vocabulary...) are SamplingParams' (run
+  once, in server/core/serving.py's admission), reported under these names.
 - Extras beyond OpenAI, as vLLM names them: top_k, min_p,
   repetition_penalty, ignore_eos, and the structured-output constraints
   `structured_outputs` / `guided_*` (mapped by server/structured.py, like
   `response_format`).
-- `to_sampling_params(default_max_tokens)` is the one place a request becomes
-  engine settings; an absent max_tokens means "the rest of the context".
+- `sampling_fields()` is the one place a request becomes engine settings
+  (SamplingParams fields); an absent max_tokens means "the rest of the context".
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from server.engine.grammar import GrammarSpec
-from server.engine.types import InvalidRequestError, SamplingParams
+from server.engine.types import InvalidRequestError
 from server.structured import VLLM_GUIDED, openai_grammar_spec
 from server.tools import ToolConfig
 
@@ -99,30 +101,22 @@ class SamplingFields(StructuredOutputFields):
         stop = getattr(self, "stop", None)
         return [stop] if isinstance(stop, str) else list(stop or [])
 
-    def logit_bias_ids(self) -> dict[int, float]:
-        bias: dict[int, float] = {}
-        for key, value in (getattr(self, "logit_bias", None) or {}).items():
-            if not str(key).lstrip("-").isdigit():
-                raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
-            bias[int(key)] = float(value)
-        return bias
-
-    def common_params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=self.logit_bias_ids(),
-            seed=self.seed,
-            stop=self.stop_list(),
-            ignore_eos=bool(self.ignore_eos),
-            n=1 if self.n is None else self.n,
-        )
+    def common_fields(self) -> dict[str, Any]:
+        """SamplingParams fields shared by chat and completions (validated by SamplingParams itself)."""
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_k": self.top_k or 0,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "min_p": self.min_p or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": dict(self.logit_bias or {}),  # string keys: SamplingParams reads them as token ids
+            "seed": self.seed,
+            "stop": self.stop_list(),
+            "ignore_eos": bool(self.ignore_eos),
+            "n": 1 if self.n is None else self.n,
+        }
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -179,11 +173,10 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "top_logprobs requires logprobs to be true")
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        params = self.common_params(max_tokens)
-        params.logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return params
+    def sampling_fields(self) -> dict[str, Any]:
+        """SamplingParams fields; max_tokens None: the rest of the context."""
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return {**self.common_fields(), "max_tokens": self.max_completion_tokens or self.max_tokens, "logprobs": logprobs}
 
 
 class CompletionRequest(SamplingFields):
@@ -245,10 +238,9 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequestError("prompt", "prompt must not be empty")
         return prompts
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        params = self.common_params(self.max_tokens or default_max_tokens)
-        params.logprobs = self.logprobs
-        return params
+    def sampling_fields(self) -> dict[str, Any]:
+        """SamplingParams fields; max_tokens None: the rest of the context."""
+        return {**self.common_fields(), "max_tokens": self.max_tokens, "logprobs": self.logprobs}
 
 
 # --------------------------------------------------------------- responses
