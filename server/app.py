@@ -51,6 +51,7 @@ def create_app(
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
     from server import ollama_api, openai_api, responses_api
+    from server.ollama_models_api import install_model_management
 
     settings = settings or load_settings()
     if engines is not None:
@@ -83,6 +84,7 @@ def create_app(
     app.include_router(responses_api.router)  # /v1/responses (server/responses_api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
+    install_model_management(app, settings)  # /api/create etc., load on demand, keep-alive (innermost middleware)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ShutdownMiddleware)  # answers cut by --shutdown-timeout end in-protocol (server/shutdown.py)

@@ -59,7 +59,7 @@ from server.ollama_protocol import (
     VersionResponse,
     now_rfc3339,
 )
-from server.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel, request_load_seconds
 from server.structured import attach_grammar
 from server.tools import tool_grammar_spec, with_tool_calls
 
@@ -67,7 +67,7 @@ router = APIRouter(prefix="/api", tags=["ollama"])
 
 # Clients gate features on the version they see; report the Ollama release whose API this mirrors.
 OLLAMA_COMPATIBLE_VERSION = "0.12.0"
-NEVER_EXPIRES = "9999-12-31T23:59:59Z"  # models stay loaded until the server stops
+NEVER_EXPIRES = "9999-12-31T23:59:59Z"  # /api/ps for a model that stays loaded (keep_alive -1, --model)
 NDJSON = "application/x-ndjson"
 
 
@@ -104,7 +104,7 @@ def timings(job: GenerationJob, usage: Usage | None) -> dict[str, int]:
     usage = usage or Usage(len(job.prompt_ids), 0, 0, 0.0, 0.0, 0.0)
     return {
         "total_duration": to_ns(time.perf_counter() - job.started),
-        "load_duration": 0,  # models are loaded at startup, never for a request
+        "load_duration": to_ns(request_load_seconds()),  # waiting for the model to load (server/registry.py)
         "prompt_eval_count": usage.prompt_tokens,
         "prompt_eval_duration": to_ns(usage.prefill_time),
         "eval_count": usage.completion_tokens,
@@ -295,7 +295,7 @@ def tagged(model_id: str) -> str:
 async def tags(request: Request) -> ListResponse:
     registry = registry_of(request)
     models = []
-    for served in registry.models.values():
+    for served in registry.listed():  # loaded or not (facts from config.json)
         models.append(
             ListedModel(
                 name=tagged(served.model_id),
@@ -319,13 +319,17 @@ async def running(request: Request) -> ProcessResponse:
             size=served.size_bytes,
             digest=served.digest,
             details=details(served),
-            expires_at=NEVER_EXPIRES,
+            expires_at=expiry_text(registry.expires_at(served.model_id)),
             size_vram=0,  # CPU inference
             context_length=served.max_seq_len,
         )
         for served in registry.models.values()
     ]
     return ProcessResponse(models=models)
+
+
+def expiry_text(expires_at: float | None) -> str:
+    return NEVER_EXPIRES if expires_at is None else rfc3339(expires_at)
 
 
 @router.get("/version")
