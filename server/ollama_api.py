@@ -288,7 +288,7 @@ def rfc3339(timestamp: float) -> str:
 
 
 def tagged(model_id: str) -> str:
-    return f"{model_id}:latest"
+    return model_id if ":" in model_id else f"{model_id}:latest"  # "bot:v2" (/api/create) has its tag
 
 
 @router.get("/tags")

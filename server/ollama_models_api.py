@@ -56,7 +56,7 @@ from model.checkpoint import CONFIG_FILE, read_metadata
 from model.errors import CheckpointError, HearthError
 from server.engine.types import InvalidRequestError
 from server.generation import parse_body
-from server.http_errors import APIError, is_ollama_path, to_api_error
+from server.http_errors import APIError, BodyTooLargeError, is_ollama_path, to_api_error
 from server.keep_alive import parse_keep_alive
 from server.model_store import MERGED_DIR, ModelStore, StoredModel
 from server.registry import REQUEST_LOAD_SECONDS, ModelOverrides, ModelRegistry, ModelSource
@@ -226,9 +226,7 @@ class ModelManager:
         if not stored.owns_base or self.store.users_of(stored.base):
             return
         folder = self.store.absolute(stored.base)
-        key = str(folder.resolve())
-        runner = self.registry.runners.get(key)
-        if runner is not None and not await self.registry.unload(next(iter(runner.names), "")):
+        if not await self.registry.unload(str(folder.resolve())):
             logger.warning("merged checkpoint %s is still running requests; left on disk", folder)
             return
         await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -452,7 +450,10 @@ class ModelResidencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] in MANAGEMENT_PATHS:
             return await self.app(scope, receive, send)
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive)
+        except BodyTooLargeError as exc:  # counted by the body limit middleware, outside this one
+            return await error_answer(scope, to_api_error(exc), receive, send)
         data = json_object(body)
         registry: ModelRegistry = scope["app"].state.registry
         name = requested_model(scope["path"], data, registry)

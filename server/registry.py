@@ -228,6 +228,11 @@ class ListedFacts:
     modified_at: float
     num_params: int
     quantization_level: str
+    max_seq_len: int  # context length (0 if unknown before loading)
+
+    @property
+    def created(self) -> int:
+        return int(self.modified_at)
 
 
 def source_facts(source: ModelSource) -> ListedFacts:
@@ -240,23 +245,24 @@ def source_facts(source: ModelSource) -> ListedFacts:
         metadata = read_metadata(path)
         weights = path / WEIGHTS_FILE
         stat = weights.stat() if weights.is_file() else None
-        params = ModelConfig.from_dict(metadata.get("model", {})).num_params()
+        config = ModelConfig.from_dict(metadata.get("model", {}))
         return ListedFacts(source.model_id, stat.st_size if stat else 0, digest, stat.st_mtime if stat else 0.0,
-                           params, quantization_level(metadata))
+                           config.num_params(), quantization_level(metadata), config.max_seq_len)
     stat = path.stat() if path is not None else None
+    config = gguf_config(path) if path is not None else None
     return ListedFacts(source.model_id, stat.st_size if stat else 0, digest, stat.st_mtime if stat else 0.0,
-                       gguf_num_params(path) if path is not None else 0, "GGUF")
+                       config.num_params() if config else 0, "GGUF", config.max_seq_len if config else 0)
 
 
-def gguf_num_params(file: Path) -> int:
-    """Parameter count from a GGUF file's header (0 if it cannot be read)."""
+def gguf_config(file: Path) -> Any:
+    """The ModelConfig a GGUF file's header describes (None if it cannot be read)."""
     from model.gguf_import import model_config_from_gguf, open_gguf
 
     try:
         reader = open_gguf(file)
-        return model_config_from_gguf(reader.fields, {t.name: t for t in reader.tensors}, file).num_params()
+        return model_config_from_gguf(reader.fields, {t.name: t for t in reader.tensors}, file)
     except Exception:  # listing must not fail on a file that will fail, with its reason, when loaded
-        return 0
+        return None
 
 
 # ----------------------------------------------------------------------------- loaded engines
@@ -379,8 +385,18 @@ class ModelRegistry:
     def default_id(self) -> str:
         return self.model_ids[0] if self.model_ids else ""
 
+    def describe(self, model_id: str | None) -> Any:
+        """The loaded view, else facts read from disk (no load); 404 if unknown, 503 while it loads at start-up."""
+        name = self.source(model_id).model_id
+        if name in self.models or name in self.pending:
+            return self.get(name)
+        try:
+            return source_facts(self.catalog[name])
+        except (HearthError, OSError) as exc:
+            raise APIError(500, f"{name}: cannot read its checkpoint ({exc})", code="model_load_failed") from None
+
     def listed(self) -> list[Any]:
-        """Every servable model for /api/tags: the loaded view, else facts read from disk."""
+        """Every servable model for /api/tags and /v1/models: the loaded view, else facts read from disk."""
         listed = []
         for name, source in list(self.catalog.items()):
             if name in self.models:
@@ -511,9 +527,9 @@ class ModelRegistry:
         runner.expires_at = None
         return runner
 
-    async def unload(self, model_id: str) -> bool:
-        """Unload the model's checkpoint now if it is idle; False if it has running requests."""
-        runner = self.runner_of(model_id)
+    async def unload(self, key: str) -> bool:
+        """Unload a checkpoint (by ModelSource.key) now if it is idle; False if it has running requests."""
+        runner = self.runners.get(key)
         if runner is None:
             return True
         if runner.active or not runner.owned:
@@ -547,7 +563,7 @@ class ModelRegistry:
 
     def _make_room(self) -> list[Runner]:
         evicted = []
-        while len(self.runners) + len(self.loading) >= self.max_loaded:
+        while len(self.runners) + len(self.loading) + len(self.pending) >= self.max_loaded:
             idle = [r for r in self.runners.values() if r.owned and r.active == 0 and not engine_busy(r.engine)]
             if not idle:
                 raise APIError(503, f"cannot load another model now: all {len(self.runners)} loaded models "

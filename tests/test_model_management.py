@@ -138,6 +138,11 @@ def test_models_dir_lists_every_model_and_loads_none_at_start(http, client):
     assert listed["alpha:latest"].details.parameter_size.endswith("M")
     assert listed["delta:latest"].details.parameter_size == listed["beta:latest"].details.parameter_size
     assert ps_names(http) == {}
+    cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+    assert {"alpha", "beta", "family/gamma", "delta"} <= set(cards)
+    assert cards["alpha"]["max_model_len"] == cards["delta"]["max_model_len"] > 0 and cards["alpha"]["compute"] is None
+    assert http.get("/v1/models/alpha").json()["max_model_len"] == cards["alpha"]["max_model_len"]
+    assert ps_names(http) == {}  # listing loads nothing
 
 
 def test_first_request_loads_the_model_and_says_so(http, weights, tokenizer):
@@ -360,7 +365,7 @@ def test_create_refuses_bad_input(http, weights, tmp_path, tiny_model_dir):
     assert taken.status_code == 400 and "checkpoint" in taken.json()["error"]
     outside_adapter = create(**{"from": "alpha", "adapters": {"lora": str(tmp_path)}})
     assert outside_adapter.status_code == 400
-    assert "bad" not in http.get("/api/tags").text
+    assert "bad:latest" not in {m["name"] for m in http.get("/api/tags").json()["models"]}
 
 
 def test_create_streams_progress_like_ollama(http):
@@ -369,7 +374,7 @@ def test_create_streams_progress_like_ollama(http):
     assert answer.status_code == 200 and lines[-1] == '{"status": "success"}'
 
 
-def test_create_with_an_adapter_merges_it(http, client, weights, tokenizer, tmp_path):
+def test_create_with_an_adapter_merges_it(running, http, client, weights, tokenizer, tmp_path):
     from trainer.sft import merge_adapter_folder
 
     client.create(model="tuned", from_="alpha", adapters={"alpha-lora": "adapters/alpha-lora"})
@@ -380,8 +385,11 @@ def test_create_with_an_adapter_merges_it(http, client, weights, tokenizer, tmp_
     assert tuned["context"][tuned["prompt_eval_count"]:] == expected
     assert tuned["context"] != base["context"]
     assert len(list((weights / MERGED_DIR).iterdir())) == 1
+    merged_key = running[0].state.registry.catalog["tuned"].key
+    assert merged_key in running[0].state.registry.runners
     client.delete("tuned")
-    assert not list((weights / MERGED_DIR).iterdir())  # the merged checkpoint goes with its model
+    assert not list((weights / MERGED_DIR).iterdir())  # the merged checkpoint goes with its model,
+    assert merged_key not in running[0].state.registry.runners  # unloaded first
 
 
 # ----------------------------------------------------------------------------- copy, delete, persistence
