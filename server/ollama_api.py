@@ -103,7 +103,7 @@ def timings(job: GenerationJob, usage: Usage | None) -> dict[str, int]:
     """The final object's statistics, in nanoseconds."""
     usage = usage or Usage(len(job.prompt_ids), 0, 0, 0.0, 0.0, 0.0)
     return {
-        "total_duration": to_ns(time.perf_counter() - job.started),
+        "total_duration": to_ns(time.perf_counter() - job.started + request_load_seconds()),
         "load_duration": to_ns(request_load_seconds()),  # waiting for the model to load (server/registry.py)
         "prompt_eval_count": usage.prompt_tokens,
         "prompt_eval_duration": to_ns(usage.prefill_time),

@@ -54,6 +54,9 @@ logger = logging.getLogger("hearth.server")
 REQUEST_LOAD_SECONDS: contextvars.ContextVar[float] = contextvars.ContextVar("hearth_request_load_seconds", default=0.0)
 
 
+BACKGROUND_LOAD_GRACE_SECONDS = 30.0  # a model loaded for a 503'd request waits this long for the retry
+
+
 def request_load_seconds() -> float:
     return REQUEST_LOAD_SECONDS.get()
 
@@ -497,12 +500,13 @@ class ModelRegistry:
             return runner.keep_alive  # type: ignore[return-value]
         return None if runner.pinned or not runner.owned else self.keep_alive
 
-    def _schedule_expiry(self, runner: Runner) -> None:
+    def _schedule_expiry(self, runner: Runner, minimum: float = 0.0) -> None:
         runner.cancel_timer()
         seconds = self._idle_seconds(runner)
         if seconds is None or not runner.owned:
             runner.expires_at = None
             return
+        seconds = max(seconds, minimum)
         runner.expires_at = time.time() + seconds
         loop = asyncio.get_running_loop()
         runner.timer = loop.call_later(seconds, self._expire, runner)
@@ -548,7 +552,15 @@ class ModelRegistry:
             task = self._start_load(source)
         except APIError:
             return  # no room now; the client's retry will try again
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # errors are logged by the load
+        task.add_done_callback(self._loaded_in_background)
+
+    def _loaded_in_background(self, task: asyncio.Task) -> None:
+        """Nobody holds a model loaded for a retry that may never come: start its keep-alive clock."""
+        if task.cancelled() or task.exception() is not None:  # a failure was logged by the load
+            return
+        runner = task.result()
+        if runner.active == 0 and self.runners.get(runner.key) is runner:
+            self._schedule_expiry(runner, minimum=BACKGROUND_LOAD_GRACE_SECONDS)
 
     async def _load_shared(self, source: ModelSource) -> Runner:
         task = self.loading.get(source.key) or self._start_load(source)

@@ -51,6 +51,9 @@ def weights(tmp_path_factory, tokenizer) -> Path:
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("not a model")
     write_adapter(root / "adapters" / "alpha-lora", root / "alpha")
+    save_checkpoint(root / "broken", make_tiny_model(tokenizer, seed=4), tokenizer)
+    weights_file = root / "broken" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])  # config.json fine, weights truncated
     return root
 
 
@@ -147,7 +150,7 @@ def test_models_dir_lists_every_model_and_loads_none_at_start(http, client):
 
 def test_first_request_loads_the_model_and_says_so(http, weights, tokenizer):
     first = generate(http, "family/gamma")
-    assert first["load_duration"] > 0
+    assert first["total_duration"] > first["load_duration"] > 0
     again = generate(http, "family/gamma")
     assert again["load_duration"] == 0
     expected = reference_tokens(weights / "family" / "gamma", prompt_ids(first), 6, tuple(tokenizer.stop_ids))
@@ -159,6 +162,15 @@ def test_gguf_file_in_the_folder_is_served(http, weights, tokenizer):
     answer = generate(http, "delta")
     assert answer["load_duration"] > 0
     assert answer["context"] == generate(http, "beta")["context"]  # an f32 export of beta: the same tokens
+
+
+def test_a_checkpoint_that_fails_to_load_is_one_error_and_the_rest_keep_serving(http):
+    for _ in range(2):  # not cached as loaded, not left half-loaded
+        answer = http.post("/api/generate", json={"model": "broken", "prompt": "x", "stream": False})
+        assert answer.status_code == 500 and "model.safetensors" in answer.json()["error"]
+        assert "Traceback" not in answer.text
+    assert "broken:latest" not in ps_names(http)
+    assert generate(http, "alpha")["done"]
 
 
 def test_unknown_model_is_404_and_pull_is_501(http, client):
