@@ -7,7 +7,8 @@
 Design choices:
 - The accepted forms are Ollama's: a JSON number of seconds, or a string in
   Go's duration syntax ("300ms", "30s", "5m", "1h30m"); a bare number in a
-  string ("60") is seconds too. Any negative duration means "never unload".
+  string ("60") is seconds too. Any negative duration (or one over ~31
+  years) means "never unload".
 - A bad value is a `InvalidRequestError` naming the field (400 on a request,
   a one-line settings error at start-up via the ValueError it also is).
 """
@@ -21,6 +22,7 @@ from typing import Any
 from server.engine.types import InvalidRequestError
 
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+FOREVER_SECONDS = 1e9  # ~31 years: longer is "never" (and keeps /api/ps's expires_at a valid date)
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 
@@ -35,7 +37,7 @@ def parse_keep_alive(value: Any, field: str) -> float | None:
     seconds = value if not isinstance(value, str) else _duration_seconds(value.strip(), field)
     if not math.isfinite(seconds):
         raise KeepAliveError(field, f"{field}: {value!r} is not a finite duration")
-    return None if seconds < 0 else float(seconds)
+    return None if seconds < 0 or seconds > FOREVER_SECONDS else float(seconds)
 
 
 def _duration_seconds(text: str, field: str) -> float:
@@ -45,7 +47,8 @@ def _duration_seconds(text: str, field: str) -> float:
         return sign * float(body)
     parts = _PART.findall(body)
     if not body or "".join(number + unit for number, unit in parts) != body:
-        raise KeepAliveError(field, f"{field}: {text!r} is not a duration (use seconds, or e.g. \"30s\", \"5m\", \"1h\", -1 for never)")
+        raise KeepAliveError(field, f"{field}: {text!r} is not a duration "
+                             "(use seconds, or e.g. \"30s\", \"5m\", \"1h\", -1 for never)")
     return sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 

@@ -366,7 +366,8 @@ async def push() -> Response:
 
 def refuse_unsupported(body: CreateRequest) -> None:
     unsupported = {
-        "files": "files: uploaded blobs are not supported; give from a checkpoint folder or .gguf file inside the weights folder",
+        "files": "files: uploaded blobs are not supported; give from a checkpoint folder or .gguf file "
+                 "inside the weights folder",
         "modelfile": "modelfile: the Modelfile text is not supported; use from, system, template and parameters",
         "quantize": "quantize: not supported here; quantize with `hearth quantize`, then create from that checkpoint",
         "messages": "messages: preset conversations are not supported",

@@ -371,9 +371,12 @@ class ModelRegistry:
 
     def get(self, model_id: str | None) -> ServedModel:
         """The loaded model a request names; 404 if unknown, 503 while it loads (a model not loaded starts loading)."""
-        name = self.source(model_id).model_id
+        source = self.source(model_id)
+        name = source.model_id
         if name in self.models:
             return self.models[name]
+        if source.key in self.runners and name not in self.pending:  # its checkpoint is loaded (a derived model's base)
+            return self._add_view(source, self.runners[source.key])
         if name in self.pending:
             status = self.load_error or "model is still loading; retry shortly"
             raise APIError(503, f"{name}: {status}", code="model_loading", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -23,6 +23,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.gguf_export import export_gguf
 from server import registry as registry_module
 from server.app import create_app
+from server.keep_alive import parse_keep_alive
 from server.model_store import MERGED_DIR, STORE_FILE
 from server.settings import SettingsError, load_settings
 from tests.conftest import make_tiny_model
@@ -176,7 +177,8 @@ def test_a_checkpoint_that_fails_to_load_is_one_error_and_the_rest_keep_serving(
 def test_unknown_model_is_404_and_pull_is_501(http, client):
     missing = http.post("/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
-    openai_missing = http.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    openai_missing = http.post("/v1/chat/completions", json=chat)
     assert openai_missing.status_code == 404
     pulled = http.post("/api/pull", json={"model": "llama3"})
     assert pulled.status_code == 501 and "files" in pulled.json()["error"]
@@ -219,9 +221,18 @@ def test_keep_alive_minus_one_never_expires(weights):
         assert "beta:latest" in ps_names(http)
 
 
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("60", 60.0), (2.5, 2.5), (0, 0.0), ("0", 0.0),
+    (-1, None), ("-1", None), ("-5m", None), (1e300, None),
+])
+def test_keep_alive_durations(value, seconds):
+    assert parse_keep_alive(value, "keep_alive") == seconds
+
+
 def test_bad_keep_alive_is_400(http):
     answer = http.post("/api/generate", json={"model": "alpha", "prompt": "x", "keep_alive": "soon"})
     assert answer.status_code == 400 and "keep_alive" in answer.json()["error"]
+    assert http.post("/api/chat", json={"model": "alpha", "messages": [], "keep_alive": True}).status_code == 400
     with pytest.raises(SettingsError, match="keep_alive"):
         load_settings(models_dir=".", keep_alive="5 minutes")
 
@@ -355,6 +366,8 @@ def test_create_from_a_path_inside_the_weights_folder(http, client, weights):
     assert generate(http, "from-path")["context"] == generate(http, "beta")["context"]
     client.create(model="from-relative", from_="family/gamma")
     assert generate(http, "from-relative")["context"] == generate(http, "family/gamma")["context"]
+    client.create(model="from-gguf", from_="delta.gguf", system="Answer in one word.")
+    assert prompt_ids(generate(http, "from-gguf")) == prompt_ids(generate(http, "beta", system="Answer in one word."))
 
 
 def test_create_refuses_bad_input(http, weights, tmp_path, tiny_model_dir):
