@@ -100,7 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             access_log=False)
     server = uvicorn.Server(config)
     exit_zero_after_sigterm()
-    served = [name for name, _ in settings.model_entries()] + ([f"{settings.models_dir} (on demand)"] if settings.models_dir else [])
+    served = [name for name, _ in settings.model_entries()]
+    served += [f"{settings.models_dir} (on demand)"] if settings.models_dir else []
     print(f"serving {', '.join(served)} on http://{settings.host}:{settings.port}")
     server.run(sockets=[sock])
     if failures:
