@@ -43,6 +43,7 @@ import logging
 import re
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -546,9 +547,8 @@ def is_unload_request(path: str, data: dict[str, Any], keep_alive: float | None 
 
 
 async def unload_answer(scope: Scope, data: dict[str, Any], receive: Receive, send: Send) -> None:
-    from server.ollama_protocol import now_rfc3339
-
-    answer: dict[str, Any] = {"model": data.get("model"), "created_at": now_rfc3339(), "done": True, "done_reason": "unload"}
+    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")  # RFC 3339, as Ollama writes it
+    answer: dict[str, Any] = {"model": data.get("model"), "created_at": now, "done": True, "done_reason": "unload"}
     if scope["path"] == "/api/chat":
         answer["message"] = {"role": "assistant", "content": ""}
     else:
