@@ -55,6 +55,7 @@ def create_app(
     from server.ollama.router import router as ollama_router
     from server.openai.router import router as openai_router
     from server.responses.serving import router as responses_router
+    from server.ollama_models_api import install_model_management
 
     settings = settings or load_settings()
     if engines is not None:
@@ -89,6 +90,7 @@ def create_app(
     lora_api.install(app)  # LoRA adapters as models, /v1/load_lora_adapter (server/lora_api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
+    install_model_management(app, settings)  # /api/create etc., load on demand, keep-alive (innermost middleware)
     # Middleware: the last added runs first. Auth, CORS and metrics belong here.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ShutdownMiddleware)  # answers cut by --shutdown-timeout end in-protocol (server/shutdown.py)

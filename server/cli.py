@@ -3,6 +3,7 @@
     hearth serve --model weights/default [--model weights/other] [--host 127.0.0.1] [--port 8080]
     hearth serve --model smollm2=SmolLM2-135M-Instruct.Q4_1.gguf   (a GGUF file: imported once into the cache)
     hearth serve --model weights/default --pooling last --no-embed-normalize   (embeddings: last token, raw vectors)
+    hearth serve --models-dir weights/ [--keep-alive 5m] [--max-loaded-models 3]   (every model in it, on demand)
 
 Flags and HEARTH_* variables come from `server.settings.ServerSettings`.
 Before the port opens, every checkpoint's config.json is read and the port is
@@ -100,7 +101,9 @@ def run_serve(args: argparse.Namespace) -> int:
                             access_log=False)
     server = uvicorn.Server(config)
     exit_zero_after_sigterm()
-    print(f"serving {', '.join(name for name, _ in settings.model_entries())} on http://{settings.host}:{settings.port}")
+    served = [name for name, _ in settings.model_entries()]
+    served += [f"{settings.models_dir} (on demand)"] if settings.models_dir else []
+    print(f"serving {', '.join(served)} on http://{settings.host}:{settings.port}")
     server.run(sockets=[sock])
     if failures:
         raise HearthError(str(failures[0]))

@@ -41,10 +41,14 @@ ERROR_DESCRIPTIONS = {
     400: "invalid request: the message names the field (param)",
     401: "missing or wrong API key (only when the server has one)",
     404: "unknown model",
+    409: "the model is running requests (delete, or create over it); retry when they finish",
     413: "request body over the server's limit (--max-body-bytes)",
     429: "the waiting queue is full (--max-waiting); retry after Retry-After seconds",
-    503: "models still loading, or the server is shutting down; retry after Retry-After seconds",
+    501: "not supported: the server has no network (models are imported from files)",
+    503: "models still loading, every loaded model busy (--max-loaded-models), or the server is shutting down; "
+         "retry after Retry-After seconds",
 }
+MANAGEMENT_ERRORS = (400, 401, 404, 409, 413)
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 503)
 LOOKUP_ERRORS = (400, 401, 404, 413, 503)
 
@@ -108,6 +112,7 @@ def route_docs() -> dict[tuple[str, str], RouteDoc]:
                                        OllamaEmbedRequest, OllamaEmbedResponse)
     from server.ollama.protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
     from server.openai.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
+    from server.ollama_models_api import CopyRequest, CreateRequest, DeleteRequest, StatusAnswer
 
     return {
         ("/v1/chat/completions", "post"): RouteDoc(ChatCompletionRequest, ChatCompletion, SSE, GENERATION_ERRORS,
@@ -119,6 +124,11 @@ def route_docs() -> dict[tuple[str, str], RouteDoc]:
         ("/v1/embeddings", "post"): RouteDoc(EmbeddingsRequest, EmbeddingList, None, GENERATION_ERRORS),
         ("/api/embed", "post"): RouteDoc(OllamaEmbedRequest, OllamaEmbedResponse, None, GENERATION_ERRORS),
         ("/api/embeddings", "post"): RouteDoc(OllamaEmbeddingsRequest, OllamaEmbeddingsResponse, None, GENERATION_ERRORS),
+        ("/api/create", "post"): RouteDoc(CreateRequest, StatusAnswer, NDJSON, MANAGEMENT_ERRORS),
+        ("/api/copy", "post"): RouteDoc(CopyRequest, None, None, MANAGEMENT_ERRORS),
+        ("/api/delete", "delete"): RouteDoc(DeleteRequest, None, None, MANAGEMENT_ERRORS),
+        ("/api/pull", "post"): RouteDoc(errors=(401, 501)),
+        ("/api/push", "post"): RouteDoc(errors=(401, 501)),
         ("/tokenize", "post"): RouteDoc(TokenizeRequest, TokenizeAnswer, None, LOOKUP_ERRORS),
         ("/detokenize", "post"): RouteDoc(DetokenizeRequest, DetokenizeAnswer, None, LOOKUP_ERRORS),
         ("/v1/models/{model_id}", "get"): RouteDoc(errors=(401, 404, 503)),

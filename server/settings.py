@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.errors import HearthError
@@ -65,6 +65,14 @@ class ServerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
 
+    # Model management (server/registry.py, server/ollama_models_api.py)
+    models_dir: str | None = Field(None, description="weights folder: serve every checkpoint folder and .gguf file in it, "
+                                   "loaded on first request; /api/create keeps its models there")
+    keep_alive: str = Field("5m", description="how long a model loaded on demand stays loaded after its last request "
+                            "(5m, 30s, 1h; 0 unloads at once, -1 never); models named with --model stay loaded")
+    max_loaded_models: int | None = Field(None, ge=1, description="most models loaded at once; the least recently used "
+                                          "idle one is unloaded first (default: 3, or the number of --model entries)")
+
     # Engine
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = Field("auto", description="compute dtype: auto, bfloat16 or float32 (never float16 on CPU)")
@@ -96,12 +104,28 @@ class ServerSettings(BaseSettings):
 
     _split_lists = field_validator("models", "cors_origins", "lora", mode="before")(_split_commas)
 
-    @field_validator("models")
+    @model_validator(mode="after")
+    def _models_or_folder(self) -> "ServerSettings":
+        if self.models_dir is not None and "models" not in self.model_fields_set:
+            self.models = []  # --models-dir alone: no default checkpoint
+        if not self.models and self.models_dir is None:
+            raise ValueError("models: at least one checkpoint folder is needed (or --models-dir)")
+        if self.max_loaded_models is not None and self.max_loaded_models < len(self.models):
+            raise ValueError(f"max_loaded_models ({self.max_loaded_models}) is below the number of --model entries "
+                             f"({len(self.models)}), which are all loaded at start-up")
+        return self
+
+    @field_validator("keep_alive")
     @classmethod
-    def _models_not_empty(cls, models: list[str]) -> list[str]:
-        if not models:
-            raise ValueError("at least one checkpoint folder is needed")
-        return models
+    def _known_duration(cls, keep_alive: str) -> str:
+        from server.keep_alive import parse_keep_alive
+
+        parse_keep_alive(keep_alive, "keep_alive")
+        return keep_alive
+
+    @property
+    def loaded_models_limit(self) -> int:
+        return self.max_loaded_models or max(3, len(self.models))
 
     @field_validator("dtype")
     @classmethod
@@ -159,6 +183,8 @@ def load_settings(**overrides: Any) -> ServerSettings:
         return ServerSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a check across fields: its message names them
+            raise SettingsError(f"settings: {first['msg'].removeprefix('Value error, ')}") from None
         field = ".".join(str(part) for part in first["loc"]) or "settings"
         env_name = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else ""
         raise SettingsError(f"setting {field} (--{field.replace('_', '-')} / {env_name}): {first['msg']}") from None

@@ -30,7 +30,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def fuzz_server(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("fuzz") / MODEL
     save_checkpoint(path, make_tiny_model(tokenizer, max_seq_len=32), tokenizer)
-    with running_server(path, api_key=KEY, kv_cache_blocks=64) as running:
+    with running_server(path, api_key=KEY, kv_cache_blocks=64, models_dir=str(path.parent)) as running:
         yield running
 
 
@@ -109,7 +109,7 @@ def naming_the_served_model(case):
 
 OPERATIONS = [("POST", path) for path in POST_ROUTES] + [
     ("GET", path) for path in ("/health", "/v1/models", "/v1/models/{model_id}", "/api/tags", "/api/ps", "/api/version")
-]
+] + [("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete")]  # model management (/api/pull is a 501)
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)

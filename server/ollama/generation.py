@@ -43,7 +43,7 @@ from server.ollama.protocol import (
     ResponseMessage,
     now_rfc3339,
 )
-from server.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel, request_load_seconds
 from server.tools import CallEnd, CallStart, TextEvent
 
 NDJSON = "application/x-ndjson"
@@ -102,8 +102,8 @@ def timings(job: OllamaJob, usage: Usage | None) -> dict[str, int]:
     """The final object's statistics, in nanoseconds."""
     usage = usage or Usage(len(job.prompt_ids), 0, 0, 0.0, 0.0, 0.0)
     return {
-        "total_duration": to_ns(time.perf_counter() - job.started),
-        "load_duration": 0,  # models are loaded at startup, never for a request
+        "total_duration": to_ns(time.perf_counter() - job.started + request_load_seconds()),
+        "load_duration": to_ns(request_load_seconds()),  # waiting for the model to load (server/registry.py)
         "prompt_eval_count": usage.prompt_tokens,
         "prompt_eval_duration": to_ns(usage.prefill_time),
         "eval_count": usage.completion_tokens,

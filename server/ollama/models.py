@@ -2,7 +2,8 @@
 
 Design choices:
 - Model names carry Ollama's default tag: "default" is listed as "default:latest".
-- Models stay loaded until the server stops (expires_at far away, size_vram 0 on CPU).
+- /api/ps says until when each loaded model stays (keep_alive, server/keep_alive.py; far away for one
+  that never expires), size_vram 0 on CPU. /api/tags lists every servable model, loaded or not.
 - /api/show describes the chat template in Ollama's Go-template notation
   (Jinja text for imported models) and the stop tokens as PARAMETER lines.
 """
@@ -29,7 +30,7 @@ from server.registry import ModelRegistry, ServedModel
 
 # Clients gate features on the version they see; report the Ollama release whose API this mirrors.
 OLLAMA_COMPATIBLE_VERSION = "0.12.0"
-NEVER_EXPIRES = "9999-12-31T23:59:59Z"  # models stay loaded until the server stops
+NEVER_EXPIRES = "9999-12-31T23:59:59Z"  # /api/ps for a model that stays loaded (keep_alive -1, --model)
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -50,13 +51,13 @@ def rfc3339(timestamp: float) -> str:
 
 
 def tagged(model_id: str) -> str:
-    return f"{model_id}:latest"
+    return model_id if ":" in model_id else f"{model_id}:latest"  # "bot:v2" (/api/create) has its tag
 
 
 async def tags(request: Request) -> ListResponse:
     registry = registry_of(request)
     models = []
-    for served in registry.models.values():
+    for served in registry.listed():  # loaded or not (facts from config.json)
         models.append(
             ListedModel(
                 name=tagged(served.model_id),
@@ -79,13 +80,17 @@ async def running(request: Request) -> ProcessResponse:
             size=served.size_bytes,
             digest=served.digest,
             details=details(served),
-            expires_at=NEVER_EXPIRES,
+            expires_at=expiry_text(registry.expires_at(served.model_id)),
             size_vram=0,  # CPU inference
             context_length=served.max_seq_len,
         )
         for served in registry.models.values()
     ]
     return ProcessResponse(models=models)
+
+
+def expiry_text(expires_at: float | None) -> str:
+    return NEVER_EXPIRES if expires_at is None else rfc3339(expires_at)
 
 
 async def version() -> VersionResponse:

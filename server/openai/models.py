@@ -10,16 +10,15 @@ from server.registry import ServedModel
 
 
 async def list_models(request: Request) -> ModelList:
-    registry = registry_of(request)
-    model_ids = [*registry.models, *(registry.adapters or ())]  # base models, then LoRA adapters
-    return ModelList(data=[model_card(registry.get(model_id)) for model_id in model_ids])
+    return ModelList(data=[model_card(served) for served in registry_of(request).listed()])  # loaded or not, adapters
 
 
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    return model_card(registry_of(request).get(model_id))
+    return model_card(registry_of(request).describe(model_id))
 
 
 def model_card(served: ServedModel) -> ModelCard:
-    return ModelCard(id=served.model_id, created=served.created, max_model_len=served.max_seq_len,
-                     compute=served.engine.compute() if hasattr(served.engine, "compute") else None,
+    engine = getattr(served, "engine", None)  # None: not loaded (facts from config.json, server/registry.py)
+    return ModelCard(id=served.model_id, created=served.created, max_model_len=served.max_seq_len or None,
+                     compute=engine.compute() if hasattr(engine, "compute") else None,
                      parent=getattr(served, "parent", None))
