@@ -95,7 +95,7 @@ def test_hearth_chat_in_a_terminal(default_server):
     os.close(child_fd)
     try:
         banner = read_until(main_fd, b">>> ", 60)
-        assert b"chatting with default" in banner, banner
+        assert b"chatting with wordnet-mini" in banner, banner
         os.write(main_fd, b'What does "river" mean?\r')
         reply = read_until(main_fd, b">>> ", 120)
         os.write(main_fd, b"\x04")  # Ctrl-D at the prompt ends the session

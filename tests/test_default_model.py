@@ -41,7 +41,7 @@ def built() -> Path:
 
 @pytest.fixture(scope="module")
 def server(built):
-    with running_server(built, dtype="auto") as running:  # as `make serve` runs it
+    with running_server(built, dtype="auto", kv_cache_blocks=520) as running:  # one full 8192-token context
         yield running
 
 
