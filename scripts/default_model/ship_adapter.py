@@ -33,7 +33,8 @@ def shipped_config(trained: Path) -> dict:
     config["base"] = BASE
     training = config.get("training") or {}
     training["base"] = BASE
-    training["data"] = [Path(path).name for path in training.get("data", [])]
+    for key in ("data", "val_data"):
+        training[key] = [Path(path).name for path in training.get(key) or []]
     training["upsample"] = [Path(str(item)).name for item in training.get("upsample", [])]
     config["stored_dtype"] = "bfloat16"
     return config
