@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from model.chat import encode_chat
-from server.embeddings_api import router as embeddings_router
+from server.embeddings.router import router as embeddings_router
 from server.engine.types import InvalidRequestError
 from server.core.http import parse_body
 from server.http_errors import BodySizeLimitMiddleware, install_error_handlers
@@ -51,11 +51,11 @@ def create_app(
     on_load_failure: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """The app serving `engines` (ready now) or the checkpoints of `settings.models` (loaded in the background)."""
-    from server import lora_api
+    from server.adapters import api as lora_api
     from server.ollama.router import router as ollama_router
     from server.openai.router import router as openai_router
     from server.responses.serving import router as responses_router
-    from server.ollama_models_api import install_model_management
+    from server.ollama.management import install_model_management
 
     settings = settings or load_settings()
     if engines is not None:
@@ -86,8 +86,8 @@ def create_app(
     app.include_router(openai_router)  # server/openai/
     app.include_router(ollama_router)  # server/ollama/
     app.include_router(responses_router)  # /v1/responses (server/responses/)
-    app.include_router(embeddings_router)  # /v1/embeddings, /api/embed, /api/embeddings (server/embeddings_api.py)
-    lora_api.install(app)  # LoRA adapters as models, /v1/load_lora_adapter (server/lora_api.py)
+    app.include_router(embeddings_router)  # /v1/embeddings, /api/embed, /api/embeddings (server/embeddings/router.py)
+    lora_api.install(app)  # LoRA adapters as models, /v1/load_lora_adapter (server/adapters/api.py)
     install_error_handlers(app)
     install_openapi(app)  # request bodies, error shapes, stream media types (server/openapi.py)
     install_model_management(app, settings)  # /api/create etc., load on demand, keep-alive (innermost middleware)

@@ -108,11 +108,11 @@ class RouteDoc:
 def route_docs() -> dict[tuple[str, str], RouteDoc]:
     """(path, method) -> its documentation; imported late, as the protocol modules import the app's pieces."""
     from server.app import DetokenizeRequest, TokenizeRequest
-    from server.embeddings_api import (EmbeddingList, EmbeddingsRequest, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
+    from server.embeddings.router import (EmbeddingList, EmbeddingsRequest, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
                                        OllamaEmbedRequest, OllamaEmbedResponse)
     from server.ollama.protocol import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, ShowRequest, ShowResponse
     from server.openai.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
-    from server.ollama_models_api import CopyRequest, CreateRequest, DeleteRequest, StatusAnswer
+    from server.ollama.management import CopyRequest, CreateRequest, DeleteRequest, StatusAnswer
 
     return {
         ("/v1/chat/completions", "post"): RouteDoc(ChatCompletionRequest, ChatCompletion, SSE, GENERATION_ERRORS,

@@ -5,7 +5,7 @@ Design choices:
   the `--model` folders (id: the folder name or NAME=), every checkpoint
   folder and .gguf file under `--models-dir` (id: its path inside the
   folder, without .gguf), and the models /api/create and /api/copy made
-  (server/model_store.py). An unknown id is a 404 from the first second.
+  (server/ollama/model_store.py). An unknown id is a 404 from the first second.
 - A loaded checkpoint is a `Runner`: one engine per checkpoint, shared by
   every id that loads it (a derived model and its base step on the same
   engine; only their defaults differ). `models` holds the per-id views
@@ -50,7 +50,7 @@ from server.http_errors import RETRY_AFTER_SECONDS, APIError, model_not_found
 logger = logging.getLogger("hearth.server")
 
 # Seconds the current request spent waiting for its model to load (Ollama's load_duration);
-# set by the residency middleware (server/ollama_models_api.py) around each model request.
+# set by the residency middleware (server/ollama/management.py) around each model request.
 REQUEST_LOAD_SECONDS: contextvars.ContextVar[float] = contextvars.ContextVar("hearth_request_load_seconds", default=0.0)
 
 
@@ -321,7 +321,7 @@ class ModelRegistry:
     max_loaded: int = 3  # runners loaded or loading at once
     engine_settings: dict[str, Any] = field(default_factory=dict)  # for on-demand loads (EngineConfig fields)
     loop: asyncio.AbstractEventLoop | None = None  # the event loop it lives on (set by load_all at start-up)
-    adapters: Any = None  # server/adapters.AdapterTable: LoRA adapters served as models (server/lora_api.py)
+    adapters: Any = None  # server/adapters.AdapterTable: LoRA adapters served as models (server/adapters/api.py)
 
     @classmethod
     def from_entries(cls, entries: list[tuple[str, Path]]) -> "ModelRegistry":
@@ -372,7 +372,7 @@ class ModelRegistry:
 
     def get(self, model_id: str | None) -> ServedModel:
         """The loaded model a request names; 404 if unknown, 503 while it loads (a model not loaded starts loading)."""
-        if self.adapters is not None and model_id in self.adapters:  # a LoRA adapter (server/adapters.py)
+        if self.adapters is not None and model_id in self.adapters:  # a LoRA adapter (server/adapters/table.py)
             return self.adapters.get(model_id)
         source = self.source(model_id)
         name = source.model_id

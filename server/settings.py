@@ -65,7 +65,7 @@ class ServerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above)")
 
-    # Model management (server/registry.py, server/ollama_models_api.py)
+    # Model management (server/registry.py, server/ollama/management.py)
     models_dir: str | None = Field(None, description="weights folder: serve every checkpoint folder and .gguf file in it, "
                                    "loaded on first request; /api/create keeps its models there")
     keep_alive: str = Field("5m", description="how long a model loaded on demand stays loaded after its last request "
@@ -86,7 +86,7 @@ class ServerSettings(BaseSettings):
     pooling: str = Field("mean", description="embeddings: mean (over the input's final hidden states) or last (token)")
     embed_normalize: bool = Field(True, description="embeddings: L2-normalize vectors (a request's embd_normalize overrides)")
 
-    # LoRA adapters (server/lora_api.py)
+    # LoRA adapters (server/adapters/api.py)
     lora: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="LoRA adapter to serve as model NAME: NAME=ADAPTER_DIR (repeatable; "
         "Hearth or PEFT folder)")

@@ -24,7 +24,7 @@ from model.gguf_export import export_gguf
 from server import registry as registry_module
 from server.app import create_app
 from server.keep_alive import parse_keep_alive
-from server.model_store import MERGED_DIR, STORE_FILE
+from server.ollama.model_store import MERGED_DIR, STORE_FILE
 from server.settings import SettingsError, load_settings
 from tests.conftest import make_tiny_model
 from tests.server_fixtures import (

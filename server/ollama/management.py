@@ -6,7 +6,7 @@ Design choices:
 - `--models-dir DIR` adds every checkpoint folder and .gguf file under DIR
   to the catalog (id: its path inside DIR, a .gguf file without the
   suffix), plus the models made by /api/create and /api/copy, which live in
-  DIR's SQLite registry (server/model_store.py) and so survive a restart.
+  DIR's SQLite registry (server/ollama/model_store.py) and so survive a restart.
   Nothing is loaded until a request names it (server/registry.py).
 - One pure ASGI middleware (`ModelResidencyMiddleware`, the innermost, so
   the API key and body limit are checked first) serves every POST that
@@ -59,7 +59,7 @@ from server.engine.types import InvalidRequestError
 from server.generation import parse_body
 from server.http_errors import APIError, BodyTooLargeError, is_ollama_path, to_api_error
 from server.keep_alive import parse_keep_alive
-from server.model_store import MERGED_DIR, ModelStore, StoredModel
+from server.ollama.model_store import MERGED_DIR, ModelStore, StoredModel
 from server.registry import REQUEST_LOAD_SECONDS, ModelOverrides, ModelRegistry, ModelSource
 from server.settings import ServerSettings
 

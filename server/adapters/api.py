@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from model.errors import HearthError
-from server.adapters import AdapterTable, check_lora_entries, choose_base, load_into_engine
+from server.adapters.table import AdapterTable, check_lora_entries, choose_base, load_into_engine
 from server.generation import parse_body
 from server.http_errors import APIError
 from server.openapi import OpenAIError
@@ -40,7 +40,7 @@ class LoadLoRARequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     lora_name: str
     lora_path: str
-    base_model: str | None = None  # Hearth's extra: the served model to put it on (default: see server/adapters.py)
+    base_model: str | None = None  # Hearth's extra: the served model to put it on (default: see server/adapters/table.py)
 
 
 class UnloadLoRARequest(BaseModel):

@@ -1,0 +1,1 @@
+"""Embeddings for the OpenAI and Ollama APIs (router.py); the engine side is server/engine/pooling.py."""
