@@ -161,12 +161,16 @@ def main() -> int:
     args = parser.parse_args()
     base, sft = args.base or args.runs / "mini-base", args.sft or [args.runs / "mini-sft"]
     samples = (args.runs / "samples.md").read_text()
-    text = card(args.runs, base, sft, args.out, samples)
-    tmp = args.out / "README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, args.out / "README.md")
-    print(f"wrote {args.out / 'README.md'}")
+    write_card_file(args.out, card(args.runs, base, sft, args.out, samples))
     return 0
+
+
+def write_card_file(folder: Path, text: str) -> None:
+    """FOLDER/README.md, written atomically (temp + rename)."""
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, folder / "README.md")
+    print(f"wrote {folder / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.wordnet_mini_card import WORDNET_NOTICE, hardware, read_json  # noqa: E402
+from scripts.wordnet_mini_card import WORDNET_NOTICE, hardware, read_json, write_card_file  # noqa: E402
 
 
 def isa_flags() -> str:
@@ -153,11 +152,7 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/default"))
     parser.add_argument("--out", type=Path, default=Path("weights/default"))
     args = parser.parse_args()
-    text = card(args.runs, args.out)
-    tmp = args.out / "README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, args.out / "README.md")
-    print(f"wrote {args.out / 'README.md'}")
+    write_card_file(args.out, card(args.runs, args.out))
     return 0
 
 
