@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.wordnet_mini_card import WORDNET_NOTICE, hardware, read_json, write_card_file  # noqa: E402
