@@ -115,8 +115,11 @@ def test_kernel_check_on_a_host_the_kernels_are_for(sandbox):
     assert broken.returncode == 1 and "could not load the native kernels for this host (ISA avx512_bf16)" in broken.stderr
 
 
-def test_the_script_passes_shellcheck():
+def test_the_scripts_pass_shellcheck():
+    """This one and every other shell script in scripts/ (the model recipes, fetching SmolLM2)."""
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", str(ROOT / "scripts" / "docker-smoke.sh")], capture_output=True, text=True)
+    scripts = sorted(str(path) for path in (ROOT / "scripts").glob("*.sh"))
+    assert str(ROOT / "scripts" / "docker-smoke.sh") in scripts
+    result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
