@@ -241,8 +241,8 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    folder = Path(path)
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """FOLDER/adapter_config.json as a dict (Hearth or PEFT); a one-line AdapterError naming the file otherwise."""
     config_file = folder / ADAPTER_CONFIG
     if not folder.is_dir():
         raise AdapterError(f"{folder}: adapter folder not found")
@@ -252,7 +252,16 @@ def read_adapter(path: str | Path) -> Adapter:
         metadata = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_file}: not valid JSON ({exc})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != ADAPTER_FORMAT:
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"{config_file}: not a JSON object")
+    return metadata
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    folder = Path(path)
+    config_file = folder / ADAPTER_CONFIG
+    metadata = read_adapter_config(folder)
+    if metadata.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{config_file}: not a Hearth LoRA adapter (no \"format\": \"{ADAPTER_FORMAT}\")")
     try:
         config = LoRAConfig(metadata["rank"], metadata["alpha"], metadata.get("dropout", 0.0), metadata["targets"])

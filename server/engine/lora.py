@@ -60,6 +60,7 @@ from trainer.lora import (
     AdapterError,
     base_config_hash,
     base_weights_fingerprint,
+    read_adapter_config,
 )
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -114,30 +115,13 @@ def read_serving_adapter(name: str, folder: str | Path, model_config: ModelConfi
 
 def check_adapter_config(folder: Path) -> tuple[dict[str, Any], str]:
     """adapter_config.json and its kind ("hearth" or "peft"), told apart by content; AdapterError otherwise."""
-    metadata = _read_config(Path(folder))
+    metadata = read_adapter_config(Path(folder))
     if metadata.get("format") == ADAPTER_FORMAT:
         return metadata, "hearth"
     if str(metadata.get("peft_type", "")).upper() == "LORA":
         return metadata, "peft"
     raise AdapterError(f"{Path(folder) / ADAPTER_CONFIG}: neither a Hearth adapter (\"format\": \"{ADAPTER_FORMAT}\") "
                        "nor a PEFT LoRA adapter (\"peft_type\": \"LORA\")")
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    import json
-
-    config_file = folder / ADAPTER_CONFIG
-    if not folder.is_dir():
-        raise AdapterError(f"{folder}: adapter folder not found")
-    if not config_file.is_file():
-        raise AdapterError(f"{config_file}: missing (not a LoRA adapter folder)")
-    try:
-        metadata = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_file}: not valid JSON ({exc})") from None
-    if not isinstance(metadata, dict):
-        raise AdapterError(f"{config_file}: not a JSON object")
-    return metadata
 
 
 def _positive_number(value: Any, what: str, integer: bool = False) -> Any:
