@@ -191,7 +191,7 @@ def self_check(isa: Isa) -> None:
 
 # A library's C files, where it is more than csrc/<name>.c
 LIBRARY_SOURCES = {"decoder_layers": ("decoder_layers", "linear_bf16", "linear_int8", "linear_int4", "paged_attention",
-                                      "rms_norm")}
+                                      "rms_norm", "lora_delta")}
 
 
 def compile_library(name: str, isa: Isa | None = None) -> Path:
@@ -250,6 +250,10 @@ SIGNATURES = {  # C function -> (library, argument types, result type)
     "hearth_decoder_layers": ("decoder_layers", [POINTER, INT64, POINTER, INT64, POINTER, INT], INT),
     # gate_up, out, rows, ffn dim, threads (the decoder's SwiGLU: the fp32 path's modules, the tests)
     "hearth_silu_mul": ("decoder_layers", [POINTER, POINTER, INT64, INT64, INT], None),
+    # x, ldx, in features, y, ldy, groups (LoRAGroup array), group count, layer, sites (LoRASite array), site
+    # count, threads -> 0, -1 (out of memory), -2 (shape)
+    "hearth_lora_add": ("decoder_layers", [POINTER, INT64, INT64, POINTER, INT64, POINTER, INT64, INT64, POINTER,
+                                           INT64, INT], INT),
 }
 
 
@@ -270,7 +274,23 @@ class StepShape(ctypes.Structure):
     _fields_ = [("dim", INT64), ("ffn_dim", INT64), ("kv_head_stride", INT64), ("n_heads", INT64),
                 ("n_kv_heads", INT64), ("head_dim", INT64), ("block_size", INT64), ("norm_eps", FLOAT),
                 ("attention_scale", FLOAT), ("cos", POINTER), ("sin", POINTER), ("slots", POINTER),
-                ("block_ids", POINTER), ("table_offsets", POINTER), ("positions", POINTER)]
+                ("block_ids", POINTER), ("table_offsets", POINTER), ("positions", POINTER),
+                ("lora_groups", POINTER), ("num_lora_groups", INT64)]
+
+
+class LoRATerm(ctypes.Structure):
+    """csrc/lora.h's hearth_lora_term: one target of one layer of an adapter (a NULL `a`: untouched)."""
+    _fields_ = [("a", POINTER), ("bt", POINTER), ("rank", INT64), ("in_features", INT64), ("out_features", INT64)]
+
+
+class LoRAGroup(ctypes.Structure):
+    """csrc/lora.h's hearth_lora_group: one adapter's table of terms and its rows in a step."""
+    _fields_ = [("table", POINTER), ("rows", POINTER), ("num_rows", INT64)]
+
+
+class LoRASite(ctypes.Structure):
+    """csrc/lora.h's hearth_lora_site: a target (trainer/lora.py's ALL_TARGETS index) and its first output column."""
+    _fields_ = [("target", INT64), ("first_column", INT64)]
 
 
 BF16_KIND, INT8_KIND, INT4_KIND = 0, 1, 2  # hearth_linear's kinds
@@ -338,6 +358,10 @@ def decoder_layers_kernel():
 
 def silu_mul_kernel():
     return load_kernel("hearth_silu_mul")
+
+
+def lora_add_kernel():
+    return load_kernel("hearth_lora_add")
 
 
 def pack_tiles(matrix: Tensor, chunk: int) -> Tensor:
@@ -575,6 +599,18 @@ def silu_mul(gate_up: Tensor, ffn_dim: int) -> Tensor:
     out = torch.empty(rows.shape[0], ffn_dim, dtype=rows.dtype)
     silu_mul_kernel()(rows.data_ptr(), out.data_ptr(), rows.shape[0], ffn_dim, torch.get_num_threads())
     return as_input_shape(out, gate_up)
+
+
+def lora_add(x: Tensor, y: Tensor, groups: ctypes.Array, layer: int, sites: ctypes.Array) -> None:
+    """y[rows] += each group's LoRA deltas of layer `layer` on the targets `sites` name (csrc/lora_delta.c);
+    x [rows, in] and y [rows, out] in the activation dtype, rows contiguous, y updated in place."""
+    status = lora_add_kernel()(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0),
+                               ctypes.addressof(groups), len(groups), layer, ctypes.addressof(sites), len(sites),
+                               torch.get_num_threads())
+    if status == -1:
+        raise MemoryError(f"native LoRA delta: no memory for the scratch of {x.shape[0]} rows")
+    if status != 0:
+        raise ValueError(f"native LoRA delta: input width {x.shape[1]} is not a multiple of 8 or not the adapter's")
 
 
 def decoder_layers(x: Tensor, layers: ctypes.Array, step: StepShape) -> None:

@@ -3,7 +3,7 @@
     install_openapi(app)   # after the routers are included
 
 Design choices:
-- Routes parse their own bodies (server/generation.py: curl without a
+- Routes parse their own bodies (server/core/http.py: curl without a
   Content-Type works, errors are 400s naming the field), so FastAPI cannot
   see the request models. This module adds them afterwards from one table,
   `ROUTE_DOCS`: the request model each POST route validates with, its answer

@@ -10,6 +10,7 @@
  *   native_harness rms_norm ROWS DIM EPS THREADS x weight y
  *   native_harness silu_mul ROWS FFN THREADS gate_up out
  *   native_harness rope ROWS HEADS KV_HEADS HEAD_DIM SLOTS THREADS qkv cos sin slots qkv_out keys_out values_out
+ *   native_harness lora ROWS IN OUT RANK THREADS x y a bt group_rows y_out   (one adapter, target 0, column 0)
  *
  * Exit status 0, or 1 with one line on stderr (a file, or a kernel's error status). */
 #include <stdint.h>
@@ -33,6 +34,9 @@ void hearth_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t ffn
 void hearth_rope_write_kv(float *qkv, int64_t ld, const float *cos, const float *sin, int64_t rows, int heads,
                           int kv_heads, int head_dim, float *keys, float *values, int64_t kv_head_stride,
                           const int64_t *slots, int threads);
+
+typedef float act_t;
+#include "../model/csrc/lora.h"
 
 static void *read_file(const char *path) {
     FILE *file = fopen(path, "rb");
@@ -101,11 +105,28 @@ static int rope(int argc, char **argv) {
     return 0;
 }
 
+static int lora(int argc, char **argv) {
+    if (argc != 13) return fprintf(stderr, "lora: wrong arguments\n"), 1;
+    const int64_t rows = arg(argv, 2), in = arg(argv, 3), out = arg(argv, 4), rank = arg(argv, 5);
+    float *y = read_file(argv[8]);
+    hearth_lora_term table[LORA_TARGETS] = {{read_file(argv[9]), read_file(argv[10]), rank, in, out}};
+    const int64_t *group_rows = read_file(argv[11]);
+    int64_t count = 0;  /* the rows file holds the group's rows, -1 ends it */
+    while (count < rows && group_rows[count] >= 0) count++;
+    const hearth_lora_group group = {table, group_rows, count};
+    const hearth_lora_site site = {0, 0};
+    const int status = hearth_lora_add(read_file(argv[7]), in, in, y, out, &group, 1, 0, &site, 1, (int)arg(argv, 6));
+    if (status) return fprintf(stderr, "lora returned %d\n", status), 1;
+    write_file(argv[12], y, (size_t)(rows * out) * sizeof(float));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return fprintf(stderr, "usage: native_harness KERNEL ...\n"), 1;
     if (!strncmp(argv[1], "linear_", 7)) return linear(argc, argv);
     if (!strcmp(argv[1], "attention")) return attention(argc, argv);
     if (!strcmp(argv[1], "rope")) return rope(argc, argv);
+    if (!strcmp(argv[1], "lora")) return lora(argc, argv);
     if (!strcmp(argv[1], "rms_norm") && argc == 9) {
         const int64_t rows = arg(argv, 2), dim = arg(argv, 3);
         float *y = malloc((size_t)(rows * dim) * sizeof(float));

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -237,14 +238,96 @@ def test_an_adapter_for_another_base_is_refused_naming_both(lora_dirs, tokenizer
         read(lora_dirs["peft"], wider)  # PEFT: no fingerprint, the shapes say it
 
 
-def test_native_decoder_steps_fall_back_per_layer_only_with_adapter_rows(tmp_path, tokenizer):
-    """A bf16-valued checkpoint runs the native kernels (one-call decoder where it builds): base rows give the
-    same bits in a step with adapter rows (per-layer path) as alone (one native call), and adapter rows too."""
+# --- the native delta (csrc/lora_delta.c) against PyTorch ------------------------------------------
+
+
+def random_adapter(num_layers: int, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> ServingAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    weights = {(layer, target): (torch.randn(rank, fan_in, generator=generator),
+                                 torch.randn(fan_out, rank, generator=generator))
+               for layer in range(num_layers) for target, (fan_in, fan_out) in shapes.items()}
+    return ServingAdapter(f"random-{seed}", Path("."), "hearth", rank, 0.75, weights)
+
+
+def native_delta(x, y, adapters_rows, layer, sites):
+    """y + the native deltas of (adapter, rows) pairs on sites [(target, first column)] of `layer`."""
+    from server.engine.lora import LoRAStep
+
+    step = LoRAStep(row_multiple=1, num_layers=2, native=True)
+    row_adapters = [None] * x.shape[0]
+    for adapter, rows in adapters_rows:
+        for row in rows:
+            row_adapters[row] = adapter
+    step.plan(row_adapters, torch.device("cpu"))
+    out = y.clone()
+    native.lora_add(x, out, step.native_groups, layer,
+                    (native.LoRASite * len(sites))(*[native.LoRASite(*site) for site in sites]))
+    return out
+
+
+@pytest.fixture(params=[name for name, isa in native.ISAS.items() if platform.machine() in isa.machines])
+def native_path(request, monkeypatch):
+    """Each native path this CPU runs, forced in turn (an AVX-512 BF16 machine tests its AVX2 code too)."""
+    if request.param not in native.runnable_isas():
+        pytest.skip(f"the CPU cannot run the {request.param} path")
+    monkeypatch.setenv("HEARTH_NATIVE_ISA", request.param)
+    native.forget_kernels()
+    assert native.lora_add_kernel() is not None, f"the {request.param} path did not load (see the log)"
+    yield request.param
+    native.forget_kernels()
+
+
+def test_native_delta_matches_pytorch_and_leaves_other_rows_alone(native_path):
+    """Ranks and widths that are no multiple of 8, two adapters, base rows between: each adapter row gets
+    scale * (x @ A.T) @ B.T on its targets' columns (fp64 reference), other rows and columns keep their bits."""
+    dtype = native.activation_dtype()
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"q": (48, 24), "k": (48, 12), "v": (48, 12)}  # a fused qkv of width 48: q 0-24, k 24-36, v 36-48
+    first, second = random_adapter(2, shapes, 5, 1), random_adapter(2, {"k": (48, 12)}, 3, 2)
+    x = torch.randn(7, 48, generator=generator).to(dtype)
+    y = torch.randn(7, 48, generator=generator).to(dtype)
+    sites = [(0, 0), (1, 24), (2, 36)]
+    out = native_delta(x, y, [(first, [0, 3, 4]), (second, [5])], 1, sites)
+    expected = y.double().clone()
+    for adapter, rows in ((first, [0, 3, 4]), (second, [5])):
+        for (target, column) in zip("qkv", (0, 24, 36)):
+            if (1, target) in adapter.weights:
+                a, b = adapter.weights[(1, target)]
+                delta = adapter.scale * (x[rows].double() @ a.double().T) @ b.double().T
+                expected[rows, column:column + b.shape[0]] += delta
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(out[[1, 2, 6]], y[[1, 2, 6]])  # base rows
+    assert torch.equal(out[5, :24], y[5, :24]) and torch.equal(out[5, 36:], y[5, 36:])  # `second` only has k
+
+
+def test_native_delta_of_a_row_does_not_depend_on_its_neighbours(native_path):
+    """Batch invariance: a row's result, bit for bit, alone or among 40 rows of the same or other adapters."""
+    dtype = native.activation_dtype()
+    generator = torch.Generator().manual_seed(1)
+    first, second = random_adapter(1, {"down": (96, 40)}, 16, 3), random_adapter(1, {"down": (96, 40)}, 8, 4)
+    x = torch.randn(41, 96, generator=generator).to(dtype)
+    y = torch.randn(41, 40, generator=generator).to(dtype)
+    crowded = native_delta(x, y, [(first, range(0, 41, 2)), (second, range(1, 41, 2))], 0, [(6, 0)])
+    for row in (0, 7, 40):
+        adapter = first if row % 2 == 0 else second
+        alone = native_delta(x[row:row + 1], y[row:row + 1], [(adapter, [0])], 0, [(6, 0)])
+        assert torch.equal(alone[0], crowded[row])
+
+
+def bf16_valued_base(tmp_path, tokenizer) -> Path:
+    """A checkpoint whose fp32 weights hold bf16 values: the native kernels (and one-call decoder) take it."""
     model = make_tiny_model(tokenizer, seed=3)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16).float())
-    base = save_checkpoint(tmp_path / "bf16-valued", model, tokenizer)
+    return save_checkpoint(tmp_path / "bf16-valued", model, tokenizer)
+
+
+def test_native_decoder_keeps_adapter_steps_in_one_call_with_the_same_bits(tmp_path, tokenizer):
+    """On the native kernels, steps with adapter rows stay in the one-call decoder (csrc/lora_delta.c); base and
+    adapter rows give the same bits mixed as alone, and the same as the per-layer path with its hooks."""
+    base = bf16_valued_base(tmp_path, tokenizer)
     adapter = hearth_adapter(base, tmp_path / "adapter", tokenizer, 4, ("q", "v", "o", "gate", "down"), 4)
     engine = Engine.from_checkpoint(base, EngineConfig(dtype="float32", max_num_seqs=16, max_num_batched_tokens=48))
     engine.start()
@@ -256,9 +339,34 @@ def test_native_decoder_steps_fall_back_per_layer_only_with_adapter_rows(tmp_pat
         assert [result[:2] for result in run_all(engine, jobs)] == alone
         assert alone[1][0] != run_all(engine, [(batch[1], None)])[0][0]
         if native.decoder_layers_kernel() is not None and native.is_fp32_path():
-            assert engine.worker.native_decoder is not None  # so base-only steps took the one native call
+            assert engine.worker.native_decoder is not None and engine.worker.lora_step.native
+            calls = count_native_calls(engine, jobs)
+            assert calls["native"] > 0 and calls["per-layer"] == 0
+            engine.worker.native_decoder = None  # now every step runs the modules and their hooks
+            assert [result[:2] for result in run_all(engine, jobs)] == alone
     finally:
         engine.shutdown()
+
+
+def count_native_calls(engine, jobs) -> dict[str, int]:
+    """Run jobs, counting the worker's steps by path."""
+    worker, calls = engine.worker, {"native": 0, "per-layer": 0}
+    native_states, model_states = worker.native_decoder.hidden_states, worker.model.hidden_states
+
+    def on_native(*args):
+        calls["native"] += 1
+        return native_states(*args)
+
+    def on_modules(*args):
+        calls["per-layer"] += 1
+        return model_states(*args)
+
+    worker.native_decoder.hidden_states, worker.model.hidden_states = on_native, on_modules
+    try:
+        run_all(engine, jobs)
+    finally:
+        del worker.native_decoder.hidden_states, worker.model.hidden_states
+    return calls
 
 
 # --- the HTTP routes ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ AVX2 build where this CPU runs it (csrc/vec.h gives both ISAs one order of opera
 Skipped, saying why, where the cross compiler or qemu is missing (.ci/run installs both); on an
 ARM64 machine tests/test_native_fp32.py runs the NEON path natively instead."""
 
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,8 @@ from model.quant_kernels import quantize_int4, quantize_int8, unpack_nibbles
 
 CROSS_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
-KERNEL_FILES = ("linear_bf16", "linear_int8", "linear_int4", "paged_attention", "rms_norm", "decoder_layers")
+KERNEL_FILES = ("linear_bf16", "linear_int8", "linear_int4", "paged_attention", "rms_norm", "decoder_layers",
+                "lora_delta")
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,28 @@ def test_neon_attention_rope_norm_and_swiglu_match_the_avx2_bits(harness, tmp_pa
         for neon_result, avx2_result in zip((attended, normed, swiglu, rotated, cached_keys, cached_values),
                                             on_avx2(local)):
             assert torch.equal(neon_result, avx2_result)
+
+
+def test_neon_lora_delta_matches_fp64_and_the_avx2_bits(harness, tmp_path, on_avx2):
+    """csrc/lora_delta.c: rank 5 and 20 output columns (a partial last chunk), rows 0, 2 and 3 of 4."""
+    rows, fan_in, fan_out, rank = 4, 48, 20, 5
+    x, y = randn(rows, fan_in, seed=13), randn(rows, fan_out, seed=14)
+    a, bt = randn(rank, fan_in, seed=15), randn(rank, fan_out, seed=16)
+    group_rows = torch.tensor([0, 2, 3, -1])
+    [out] = run_neon(harness, tmp_path, "lora", [rows, fan_in, fan_out, rank, 2], [x, y, a, bt, group_rows],
+                     [((rows, fan_out), torch.float32)])
+    expected = y.double().clone()
+    expected[[0, 2, 3]] += (x[[0, 2, 3]].double() @ a.double().T) @ bt.double()
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], y[1])
+    if on_avx2:
+        def local():
+            term = native.LoRATerm(a.data_ptr(), bt.data_ptr(), rank, fan_in, fan_out)
+            table = (native.LoRATerm * 7)(term)
+            kept = group_rows[:3].contiguous()
+            groups = (native.LoRAGroup * 1)(native.LoRAGroup(ctypes.addressof(table), kept.data_ptr(), 3))
+            result = y.clone()
+            native.lora_add(x, result, groups, 0, (native.LoRASite * 1)(native.LoRASite(0, 0)))
+            return result
+
+        assert torch.equal(out, on_avx2(local))

@@ -11,6 +11,9 @@
  *   h = rms_norm(x); qkv = h @ Wqkv; rope on q, k and the k/v cache write; a = attention(q);
  *   x = x + a @ Wo; h = rms_norm(x); g, u = h @ Wgate_up; x = x + (silu(g) * u) @ Wdown
  *
+ * with, in a step that has LoRA adapter rows, each matmul's per-row adapter deltas added to its
+ * output (lora_delta.c, the function the engine's per-layer modules call too).
+ *
  * Arithmetic: each step of server/engine/cpu_fast.py's FusedBlock, with its roundings: the
  * residual adds round once to bf16 (as a bf16 `x + y` does), silu(g) rounds to bf16 before
  * the multiply by u, which rounds again (as `F.silu(gate) * up` in bf16 does). silu's exp is
@@ -33,6 +36,7 @@ typedef uint16_t act_t; /* bf16 */
 #include "vec.h"
 typedef float act_t;
 #endif
+#include "lora.h"
 
 /* The kernels of the other files, linked into this library. */
 void hearth_linear_bf16(const act_t *x, int64_t ldx, const void *w_packed, act_t *y, int64_t ldy, int64_t m_size,
@@ -80,6 +84,8 @@ typedef struct {
     const int32_t *block_ids;     /* every row's block table, end to end */
     const int64_t *table_offsets; /* [rows]: where a row's table starts in block_ids */
     const int32_t *positions;     /* [rows]: a row sees keys 0..positions[r] */
+    const hearth_lora_group *lora_groups; /* the step's LoRA adapters and their rows (lora_delta.c) */
+    int64_t num_lora_groups;              /* 0: base rows only */
 } hearth_step;
 
 /* y = x @ W.T (M rows, y contiguous). Returns the kernel's status. */
@@ -92,6 +98,25 @@ static int linear(const hearth_linear *w, const act_t *x, int64_t ldx, act_t *y,
                                   w->in_features, w->group_size, threads);
     hearth_linear_bf16(x, ldx, w->tiles, y, w->out_features, rows, w->out_features, w->in_features, threads);
     return 0;
+}
+
+/* The targets of each of a layer's four matmuls, with their first output column. */
+typedef struct {
+    hearth_lora_site qkv[3], o[1], gate_up[2], down[1];
+} lora_sites;
+
+static lora_sites sites_of(const hearth_step *step) {
+    const int64_t q = step->n_heads * step->head_dim, kv = step->n_kv_heads * step->head_dim;
+    lora_sites sites = {{{0, 0}, {1, q}, {2, q + kv}}, {{3, 0}}, {{4, 0}, {5, step->ffn_dim}}, {{6, 0}}};
+    return sites;
+}
+
+/* y += the step's LoRA deltas of one matmul (a no-op for a step of base rows). */
+static int lora(const hearth_step *step, int64_t layer, const hearth_lora_site *sites, int64_t num_sites,
+                const act_t *x, int64_t in_features, act_t *y, int64_t out_features, int threads) {
+    if (!step->num_lora_groups) return 0;
+    return hearth_lora_add(x, in_features, in_features, y, out_features, step->lora_groups, step->num_lora_groups,
+                           layer, sites, num_sites, threads);
 }
 
 #if defined(__AVX512BF16__)
@@ -171,11 +196,13 @@ static int scratch_alloc(scratch *s, const hearth_step *step, int64_t rows) {
     return 0;
 }
 
-static int run_layer(const hearth_layer *layer, const hearth_step *step, act_t *x, int64_t rows, scratch *s,
-                     int threads) {
-    const int64_t dim = step->dim, qkv_width = layer->qkv.out_features;
+static int run_layer(const hearth_layer *layer, int64_t index, const hearth_step *step, act_t *x, int64_t rows,
+                     scratch *s, int threads) {
+    const int64_t dim = step->dim, qkv_width = layer->qkv.out_features, ffn = step->ffn_dim;
+    const lora_sites sites = sites_of(step);
     int status = hearth_rms_norm(x, dim, layer->attn_norm, s->normed, rows, dim, step->norm_eps, threads);
     if (!status) status = linear(&layer->qkv, s->normed, dim, s->qkv, rows, threads);
+    if (!status) status = lora(step, index, sites.qkv, 3, s->normed, dim, s->qkv, qkv_width, threads);
     if (status) return status;
     hearth_rope_write_kv(s->qkv, qkv_width, step->cos, step->sin, rows, (int)step->n_heads, (int)step->n_kv_heads,
                          (int)step->head_dim, layer->keys, layer->values, step->kv_head_stride, step->slots, threads);
@@ -183,14 +210,18 @@ static int run_layer(const hearth_layer *layer, const hearth_step *step, act_t *
                                     step->kv_head_stride, step->block_ids, step->table_offsets, step->positions,
                                     s->attended, rows, (int)step->n_heads, (int)step->n_kv_heads,
                                     (int)step->head_dim, (int)step->block_size, step->attention_scale, threads);
-    if (!status) status = linear(&layer->o, s->attended, layer->o.in_features, s->projected, rows, threads);
+    const int64_t attended_width = layer->o.in_features;
+    if (!status) status = linear(&layer->o, s->attended, attended_width, s->projected, rows, threads);
+    if (!status) status = lora(step, index, sites.o, 1, s->attended, attended_width, s->projected, dim, threads);
     if (status) return status;
     add_into(x, s->projected, rows * dim, threads);
     status = hearth_rms_norm(x, dim, layer->mlp_norm, s->normed, rows, dim, step->norm_eps, threads);
     if (!status) status = linear(&layer->gate_up, s->normed, dim, s->gate_up, rows, threads);
+    if (!status) status = lora(step, index, sites.gate_up, 2, s->normed, dim, s->gate_up, 2 * ffn, threads);
     if (status) return status;
-    hearth_silu_mul(s->gate_up, s->act, rows, step->ffn_dim, threads);
-    status = linear(&layer->down, s->act, step->ffn_dim, s->projected, rows, threads);
+    hearth_silu_mul(s->gate_up, s->act, rows, ffn, threads);
+    status = linear(&layer->down, s->act, ffn, s->projected, rows, threads);
+    if (!status) status = lora(step, index, sites.down, 1, s->act, ffn, s->projected, dim, threads);
     if (!status) add_into(x, s->projected, rows * dim, threads);
     return status;
 }
@@ -203,7 +234,7 @@ int hearth_decoder_layers(act_t *x, int64_t rows, const hearth_layer *layers, in
     scratch s;
     if (scratch_alloc(&s, step, rows)) return -1;
     int status = 0;
-    for (int64_t i = 0; i < num_layers && !status; i++) status = run_layer(&layers[i], step, x, rows, &s, num_threads);
+    for (int64_t i = 0; i < num_layers && !status; i++) status = run_layer(&layers[i], i, step, x, rows, &s, num_threads);
     free(s.memory);
     return status;
 }

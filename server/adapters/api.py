@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model.errors import HearthError
 from server.adapters.table import AdapterTable, check_lora_entries, choose_base, load_into_engine
-from server.generation import parse_body
+from server.core.http import parse_body
 from server.http_errors import APIError
 from server.openapi import OpenAIError
 

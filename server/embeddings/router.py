@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.types import EmbeddingOutput, EmbeddingRequest, InvalidRequestError
-from server.generation import new_id, parse_body
+from server.core.http import new_id, parse_body
 from server.http_errors import APIError, ClientDisconnectedError
 
 router = APIRouter(tags=["embeddings"])

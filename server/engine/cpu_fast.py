@@ -382,14 +382,17 @@ class NativeDecoder:
             return None
         return cls(model, cache, (native.LayerWeights * len(layers))(*layers))
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """tokens, positions: [N] -> final-normed hidden states [N, dim], rows as `cache.metadata` lays them out."""
+    def hidden_states(self, tokens: Tensor, positions: Tensor, lora_groups: ctypes.Array | None = None) -> Tensor:
+        """tokens, positions: [N] -> final-normed hidden states [N, dim], rows as `cache.metadata` lays them out;
+        `lora_groups` (server/engine/lora.py's LoRAStep.native_groups): the step's adapters and their rows."""
         x = self.model.embed(tokens).to(native.activation_dtype()).contiguous()  # [N, dim], updated in place
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # [N, hd]
         meta = self.cache.metadata
         rows = meta.native
         step = native.StepShape(**self.shape, cos=cos.data_ptr(), sin=sin.data_ptr(),
                                 slots=meta.slot_mapping.data_ptr(), block_ids=rows.block_ids.data_ptr(),
-                                table_offsets=rows.table_offsets.data_ptr(), positions=rows.positions.data_ptr())
+                                table_offsets=rows.table_offsets.data_ptr(), positions=rows.positions.data_ptr(),
+                                lora_groups=ctypes.addressof(lora_groups) if lora_groups else None,
+                                num_lora_groups=len(lora_groups) if lora_groups else 0)
         native.decoder_layers(x, self.layers, step)
         return self.model.norm.forward(x)

@@ -10,20 +10,24 @@ Design choices:
   (`"peft_type": "LORA"`, adapter_model.safetensors, Hugging Face module names). Both become
   one `ServingAdapter`: per (layer, target) an fp32 A [r, in] and B [out, r], and one scale
   (alpha / r; alpha / sqrt(r) for PEFT's use_rslora).
-- Nothing is merged: the base weights stay shared. At the first adapter load every targeted
-  linear of every layer is wrapped once in a `LoRAHook` (q, k, v, o, gate, up, down; or
-  server/engine/cpu_fast.py's fused qkv and gate_up modules, split into column ranges). The hook
-  runs the base module for all rows, then, per adapter present in the step, that adapter's
-  rows' delta `scale * (x[rows] @ A.T) @ B.T` in fp32, added into the target's columns: one
-  matmul pair per wrapped module and adapter (a fused module's targets stacked: A by rows, B
-  block-diagonal with the scale folded in), run on one thread. A step without adapter rows pays
-  one Python call per wrapped module, nothing else.
-- The native one-call decoder (cpu_fast.NativeDecoder) has no per-row hook, so a step with any
-  adapter row runs the per-layer path (the same packed kernels, module by module) and a step of
-  base rows only keeps the one native call (ModelWorker._hidden_states).
-- Batch invariance: an adapter's rows are padded (the last row repeated) to a multiple of the
-  fp32 matmul's row multiple (kv_cache.find_row_multiple), so a row's delta does not depend on
-  how many rows share its adapter in the step; padded rows' results are dropped.
+- Nothing is merged: the base weights stay shared. Each base matmul runs for all rows of a step,
+  then, per adapter present in the step, its rows get `scale * (x[rows] @ A.T) @ B.T` on the
+  columns of each target the matmul computes (q, k and v share the fused qkv matmul, gate and up
+  the gate_up one).
+- Where the native kernels run, the deltas are model/csrc/lora_delta.c, called by the one-call
+  decoder after each of its matmuls (so a step with adapter rows keeps the one native call) and by
+  the per-layer modules' hooks (`LoRAHook`), with the same tables (`native_table`: per layer and
+  target an fp32 A [r, in] and scale * B.T [r, out], built at an adapter's first use), so both
+  paths give the same bits. Rows are independent there (fixed-order sums per row): batch
+  invariance by construction.
+- Elsewhere (no native kernels, or a model whose activations are not the native dtype) the hook
+  computes the same deltas in PyTorch, on one thread (a few rows by rank wide: waking the OpenMP
+  team costs more than the work): one matmul pair per wrapped module and adapter (a fused
+  module's targets stacked: A by rows, B block-diagonal with the scale folded in), an adapter's
+  rows padded (the last row repeated) to a multiple of the fp32 matmul's row multiple
+  (kv_cache.find_row_multiple), so a row's delta does not depend on how many rows share its
+  adapter; padded rows' results are dropped. A step without adapter rows pays one Python call per
+  wrapped module, nothing else.
 - Everything is checked at load, never mid-batch (AdapterError -> 400): rank at most the
   engine's `max_lora_rank`, targets among the seven above, every tensor's shape the base's,
   finite values; for a Hearth adapter also the base's config hash and weights fingerprint
@@ -37,6 +41,7 @@ Design choices:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -49,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import native
 from model.checkpoint import WEIGHTS_FILE, read_safetensors
 from model.config import ModelConfig
 from model.errors import HearthError
@@ -252,7 +258,10 @@ class LoRAStep:
     """What the hooks read during a step: the worker sets `groups` before the forward, clears it after."""
 
     row_multiple: int  # padding of each adapter's rows (fp32 matmul, see module docstring)
+    num_layers: int
+    native: bool = False  # whether the deltas run in csrc/lora_delta.c (set by the worker)
     groups: list[AdapterRows] = field(default_factory=list)
+    native_groups: ctypes.Array | None = None  # the groups as csrc/lora.h's hearth_lora_group array
 
     def plan(self, row_adapters: Iterable[ServingAdapter | None], device: torch.device) -> list[AdapterRows]:
         """Group the rows (one entry per row of the step, None for base rows) by adapter."""
@@ -264,7 +273,36 @@ class LoRAStep:
         for adapter, rows in by_adapter.values():
             padded = rows + [rows[-1]] * (-len(rows) % self.row_multiple)
             groups.append(AdapterRows(adapter, torch.tensor(rows, device=device), torch.tensor(padded, device=device)))
+        self.groups = groups
+        self.native_groups = self._native_groups(groups) if self.native and groups else None
         return groups
+
+    def _native_groups(self, groups: list[AdapterRows]) -> ctypes.Array:
+        return (native.LoRAGroup * len(groups))(*[
+            native.LoRAGroup(ctypes.addressof(native_table(group.adapter, self.num_layers)), group.rows.data_ptr(),
+                             group.rows.shape[0]) for group in groups])
+
+    def clear(self) -> None:
+        self.groups, self.native_groups = [], None
+
+
+def native_table(adapter: ServingAdapter, num_layers: int) -> ctypes.Array:
+    """`adapter` as csrc/lora.h's table of num_layers x 7 terms (ALL_TARGETS order), built at first use
+    and kept with the adapter (with the tensors it points into)."""
+    if "native" not in adapter.packs:
+        tensors, terms = [], []
+        for layer in range(num_layers):
+            for target in ALL_TARGETS:
+                if (layer, target) not in adapter.weights:
+                    terms.append(native.LoRATerm())
+                    continue
+                a, b = adapter.weights[(layer, target)]
+                bt = (b * adapter.scale).T.contiguous()  # [r, out]
+                a = a.contiguous()
+                tensors += [a, bt]
+                terms.append(native.LoRATerm(a.data_ptr(), bt.data_ptr(), a.shape[0], a.shape[1], bt.shape[1]))
+        adapter.packs["native"] = ((native.LoRATerm * len(terms))(*terms), tensors)
+    return adapter.packs["native"][0]
 
 
 class LoRAHook(nn.Module):
@@ -274,17 +312,23 @@ class LoRAHook(nn.Module):
         super().__init__()
         self.base, self.layer, self.columns, self.step = base, layer, columns, step
         self.key = (layer, next(iter(columns)))  # names this module in ServingAdapter.packs
+        self.sites = (native.LoRASite * len(columns))(
+            *[native.LoRASite(ALL_TARGETS.index(target), first) for target, (first, _) in columns.items()])
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base.forward(x)
         if self.step.groups:
-            self._add_deltas(x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+            rows_in, rows_out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            if self.step.native_groups is not None and x.dtype == native.activation_dtype():
+                native.lora_add(rows_in.contiguous(), rows_out, self.step.native_groups, self.layer, self.sites)
+            else:
+                self._add_deltas(rows_in, rows_out)
         return y
 
     def _add_deltas(self, x: Tensor, y: Tensor) -> None:
-        """Per adapter: rows' x -> one matmul with its stacked A -> one with its scaled block-diagonal B,
-        added into the columns its targets cover. On one thread: these matmuls are a few rows by rank
-        wide, and waking the OpenMP team for each costs more than the work (far more on a busy CPU)."""
+        """PyTorch's deltas. Per adapter: rows' x -> one matmul with its stacked A -> one with its scaled
+        block-diagonal B, added into the columns its targets cover. On one thread: these matmuls are a
+        few rows by rank wide, and waking the OpenMP team for each costs more than the work."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

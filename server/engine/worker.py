@@ -23,8 +23,9 @@ Design choices:
 - Embedding requests (prefill-only sequences, server/engine/pooling.py) take
   their rows of the same hidden states; they have no sample.
 - LoRA adapters (server/engine/lora.py): once one is loaded, the targeted linears carry a hook
-  that adds each adapter's delta to its own rows; a step with any adapter row runs the per-layer
-  path, since the native one-call decoder has no per-row hook.
+  that adds each adapter's delta to its own rows; the one-call native decoder adds the same
+  deltas itself (csrc/lora_delta.c), so a step with adapter rows stays one native call where the
+  kernels run (else it takes the per-layer path and the hooks' PyTorch deltas).
 - Sampling failures stay per sequence: `sample_batch` returns an exception in
   that row's slot. An exception in the forward itself propagates: the engine
   fails the step's requests and carries on.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from model import native
 from model.decoder import Transformer
 from server.engine.cpu_fast import NativeDecoder, can_pack, native_linear_weights, pack_model
 from server.engine.kv_cache import PagedKVCache, SequenceChunk, find_row_multiple
@@ -67,7 +69,8 @@ class ModelWorker:
         """Wrap the targeted linears in LoRA hooks (once). Safe between or during steps: a hook
         with no adapter rows computes exactly what it wraps."""
         if self.lora_step is None:
-            step = LoRAStep(find_row_multiple(torch.float32, self.device))
+            step = LoRAStep(find_row_multiple(torch.float32, self.device), self.model.config.n_layers,
+                            native=self.device.type == "cpu" and native.lora_add_kernel() is not None)
             install_hooks(self.model, step)
             self.lora_step = step
 
@@ -86,11 +89,11 @@ class ModelWorker:
         self.cache.metadata = self.cache.build_metadata(chunks, tokens.shape[1])
         lora_groups = self._lora_groups(ordered)
         try:
-            hidden = self._hidden_states(tokens, positions, native_ok=not lora_groups)  # [rows, dim]
+            hidden = self._hidden_states(tokens, positions, lora_groups)  # [rows, dim]
         finally:
             self.cache.metadata = None
             if lora_groups:
-                self.lora_step.groups = []
+                self.lora_step.clear()
         pool_rows(ordered, hidden)  # embedding requests' rows (server/engine/pooling.py)
         return self._sample(ordered, hidden)
 
@@ -99,13 +102,13 @@ class ModelWorker:
         if self.lora_step is None or not any(item.seq.lora is not None for item in ordered):
             return []
         row_adapters = [item.seq.lora for item in ordered for _ in range(item.num_tokens)]
-        self.lora_step.groups = self.lora_step.plan(row_adapters, self.device)
-        return self.lora_step.groups
+        return self.lora_step.plan(row_adapters, self.device)
 
-    def _hidden_states(self, tokens: Tensor, positions: Tensor, native_ok: bool = True) -> Tensor:
+    def _hidden_states(self, tokens: Tensor, positions: Tensor, lora_groups: list | tuple = ()) -> Tensor:
         """tokens, positions: [1, rows] -> final-normed hidden states [rows, dim]."""
-        if self.native_decoder is not None and native_ok:
-            return self.native_decoder.hidden_states(tokens[0], positions[0])
+        lora_native = self.lora_step.native_groups if lora_groups else None
+        if self.native_decoder is not None and (not lora_groups or lora_native is not None):
+            return self.native_decoder.hidden_states(tokens[0], positions[0], lora_native)
         return self.model.hidden_states(tokens, positions, self.cache)[0]
 
     def _inputs(self, ordered: list[ScheduledSequence]) -> tuple[Tensor, Tensor]:

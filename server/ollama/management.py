@@ -56,7 +56,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from model.checkpoint import CONFIG_FILE, read_metadata
 from model.errors import CheckpointError, HearthError
 from server.engine.types import InvalidRequestError
-from server.generation import parse_body
+from server.core.http import parse_body
 from server.http_errors import APIError, BodyTooLargeError, is_ollama_path, to_api_error
 from server.keep_alive import parse_keep_alive
 from server.ollama.model_store import MERGED_DIR, ModelStore, StoredModel
