@@ -352,6 +352,17 @@ def test_a_model_derived_from_a_derived_model_keeps_its_defaults(http, client):
     assert prompt_ids(answer) == prompt_ids(generate(http, "alpha", prompt="to be", system="Answer in one word."))
 
 
+def test_show_gives_a_derived_model_its_system_and_parameters(http, client):
+    """`ollama show`: the SYSTEM and PARAMETER lines of the Modelfile, inherited through two derivations."""
+    client.create(model="terse", from_="alpha", system="Answer in one word.")
+    client.create(model="terse-short", from_="terse", parameters={"num_predict": 2, "stop": ["\n", "."]})
+    shown = client.show("terse-short")
+    assert http.post("/api/show", json={"model": "terse-short"}).json()["system"] == "Answer in one word."
+    assert shown.parameters.splitlines() == ["num_predict 2", 'stop "\\n"', 'stop "."']
+    assert 'SYSTEM """Answer in one word."""\n' in shown.modelfile and "PARAMETER num_predict 2\n" in shown.modelfile
+    assert "system" not in http.post("/api/show", json={"model": "alpha"}).json()
+
+
 def test_derived_models_share_the_base_engine(running, client):
     app, _, http = running
     client.create(model="terse", from_="alpha", system="Answer in one word.")

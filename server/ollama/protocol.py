@@ -290,6 +290,7 @@ class ShowResponse(BaseModel):
     modelfile: str
     parameters: str
     template: str
+    system: str | None = None  # a derived model's system prompt (/api/create)
     details: ModelDetails
     model_info: dict[str, Any]
     capabilities: list[str]
