@@ -587,7 +587,8 @@ class ModelRegistry:
             idle = [r for r in self.runners.values() if r.owned and r.active == 0 and not engine_busy(r.engine)]
             if not idle:
                 raise APIError(503, f"cannot load another model now: all {len(self.runners)} loaded models "
-                               f"(--max-loaded-models {self.max_loaded}) are running requests; retry shortly",
+                               f"(--max-loaded-models {self.max_loaded}) are running requests or serving "
+                               "LoRA adapters; retry shortly",
                                code="models_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
             victim = min(idle, key=lambda runner: runner.last_used)
             logger.info("unloading %s to make room (--max-loaded-models %d)", ", ".join(sorted(victim.names)) or victim.key,

@@ -279,6 +279,23 @@ def test_max_loaded_models_unloads_the_least_recently_used(weights):
         assert set(ps_names(http)) == {"alpha:latest", "family/gamma:latest"}
 
 
+def test_a_loaded_adapter_holds_its_models_dir_base_loaded(weights):
+    """keep_alive 0 and --max-loaded-models 2 would unload `alpha`; its adapter keeps it until unloaded."""
+    with models_server(weights, max_loaded_models=2, keep_alive="0", weights_dir=str(weights)) as (app, url, http):
+        loaded = http.post("/v1/load_lora_adapter", json={"lora_name": "alpha-tuned", "base_model": "alpha",
+                                                          "lora_path": "adapters/alpha-lora"})
+        assert loaded.status_code == 200 and loaded.json()["parent"] == "alpha", loaded.text
+        generate(http, "beta")
+        generate(http, "family/gamma")
+        assert "alpha:latest" in ps_names(http)
+        assert generate(http, "alpha-tuned")["done"]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "alpha-tuned"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while "alpha:latest" in ps_names(http) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "alpha:latest" not in ps_names(http)  # the hold is given back: keep_alive 0 applies again
+
+
 def test_when_every_loaded_model_is_busy_another_load_is_503(weights):
     with models_server(weights, max_loaded_models=2) as (app, url, http):
         registry = app.state.registry

@@ -19,6 +19,9 @@ Design choices:
   exits when done (engine.run_in_fresh_thread: no OpenMP team left behind).
 - Unload takes the name out of the table first (new requests get 404 at once), then out of the
   engine; if requests still use it, the name goes back and the caller gets 409.
+- A loaded adapter holds its base loaded: `load` takes a registry lease on the base (as a running
+  request does) and `unload` gives it back, so neither keep_alive expiry nor --max-loaded-models
+  eviction can take a --models-dir base from under its adapters (whose engine it is).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any, Iterator
 
 from model.checkpoint import read_metadata
 from server.http_errors import APIError
-from server.registry import ModelRegistry, ServedModel
+from server.registry import Lease, ModelRegistry, ServedModel
 
 
 @dataclass
@@ -92,6 +95,7 @@ class AdapterTable:
     def __init__(self) -> None:
         self._models: dict[str, AdapterModel] = {}
         self._loading: set[str] = set()
+        self._holds: dict[str, tuple[ModelRegistry, Lease]] = {}  # adapter -> the lease holding its base loaded
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._models))
@@ -110,22 +114,30 @@ class AdapterTable:
         if name in self._models or name in self._loading:
             raise APIError(400, f"lora_name: a LoRA adapter named '{name}' is already loaded", param="lora_name")
 
-    def base_of(self, registry: ModelRegistry, folder: Path, base_id: str | None) -> ServedModel:
+    def base_id(self, registry: ModelRegistry, folder: Path, base_id: str | None) -> str | None:
         base_id = base_id or choose_base(folder, [(m, registry.models[m].path) for m in registry.models])
         if base_id in self._models:
             raise APIError(400, f"base_model: '{base_id}' is a LoRA adapter, not a base model", param="base_model")
-        return registry.get(base_id)  # 404 unknown, 503 still loading
+        return base_id
 
     async def load(self, registry: ModelRegistry, name: str, folder: Path, base_id: str | None,
                    max_rank: int) -> AdapterModel:
-        """Read, check and serve an adapter; APIError 400/404 naming what is wrong."""
+        """Read, check and serve an adapter; APIError 400/404 naming what is wrong (503 while the base
+        starts up). A --models-dir base that is not loaded yet is loaded first."""
         self.check_name(registry, name)
-        base = self.base_of(registry, folder, base_id)
+        base_id = self.base_id(registry, folder, base_id)
         self._loading.add(name)
         try:
-            await asyncio.to_thread(load_into_engine, base, name, folder, max_rank)
+            lease = await registry.acquire(base_id)  # 404 unknown, 503 still starting up
+            try:
+                base = registry.get(lease.model_id)
+                await asyncio.to_thread(load_into_engine, base, name, folder, max_rank)
+            except BaseException:
+                registry.release(lease)
+                raise
         finally:
             self._loading.discard(name)
+        self._holds[name] = (registry, lease)
         return self.add(base, name, folder)
 
     def add(self, base: ServedModel, name: str, folder: Path) -> AdapterModel:
@@ -146,6 +158,9 @@ class AdapterTable:
             raise APIError(409, str(exc), param="lora_name", code="adapter_in_use") from None
         except UnknownAdapterError:
             pass  # the engine was replaced meanwhile: nothing left to free
+        if name in self._holds:
+            registry, lease = self._holds.pop(name)
+            registry.release(lease)
         return model
 
 
