@@ -227,6 +227,25 @@ def test_upsample_repeats_a_files_chats_past_deduplication(capsys, tmp_path, tin
         assert all(np.array_equal(a, b) for a, b in zip(joined.chat(index), part.chat(part_index)))
 
 
+def test_text_data_joins_the_rows_with_the_loss_on_every_token(tmp_path, tiny_model_dir, tokenizer):
+    """--text-data: continued pretraining mixed in. Each text is its tokens and a blank line, all of them
+    learned; a chat among the texts is a bad record, skipped and counted; a text among --data chats still is."""
+    entries = ["lantern (noun): a light with a transparent case", "happy (adjective): enjoying joy"]
+    texts = write_jsonl(tmp_path / "dictionary.jsonl", [{"text": entry} for entry in entries] + [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    read, report = read_chats([texts], tokenizer, texts=True)
+    assert len(read) == 2 and report.skipped == 1
+    for index, entry in enumerate(entries):
+        tokens, mask = read.chat(index)
+        assert list(tokens) == tokenizer.encode(entry + "\n\n", add_bos=True) and mask.all()
+    out = tmp_path / "with-text"
+    assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 1, "--text-data", texts) == 0
+    training = load_checkpoint(out).metadata["training"]
+    assert training["chats"] == 401 + 2 and training["text_data"] == [str(texts)]
+    with pytest.raises(ChatDataError, match="no usable chats"):
+        read_chats([write_jsonl(tmp_path / "only-text.jsonl", [{"text": entries[0]}])], tokenizer)
+
+
 def test_lora_sft_merge_equals_adapter_and_refuses_other_base(capsys, tmp_path, tiny_model_dir, tokenizer):
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     assert hearth("sft", "--base", tiny_model_dir, "--out", adapter_dir, *RUN, "--max-steps", 4,

@@ -12,7 +12,11 @@ Design choices:
   each reply and the `<|end|>` that closes it (the model must learn to stop).
   Jinja templates (models imported from Hugging Face) give no mask, so it is
   recovered by rendering the conversation up to each reply and diffing.
-- Bad records (not JSON, unknown role, no assistant turn, a text record) are
+- Text documents (`.txt` paragraphs, `{"text": ...}` records) can join the rows on purpose
+  (`read_texts`, `hearth sft --text-data`: continued pretraining mixed into the fine-tune): each
+  is its text and a blank line, with the loss on every token. Among chats (`read_chats`) a text
+  record is a mistake.
+- Bad records (not JSON, unknown role, no assistant turn, a text record among chats) are
   reported as `file:line`; they are skipped and counted, or stop the run with
   `strict=True`. Too-long chats are truncated (dropped if no reply token is
   left) or dropped, and counted.
@@ -91,26 +95,27 @@ def chat_reader(specs: Sequence[str | Path], strict: bool, dedupe: bool) -> Docu
 
 def read_chats(specs: Sequence[str | Path], tokenizer: Tokenizer, max_len: int | None = None,
                long_chats: str = "truncate", strict: bool = False, limit: int | None = None,
-               dedupe: bool = True) -> tuple["ChatSet", ChatReadReport]:
-    """Read, validate and encode the chats of the given inputs.
+               dedupe: bool = True, texts: bool = False) -> tuple["ChatSet", ChatReadReport]:
+    """Read, validate and encode the chats of the given inputs (with `texts`, their text documents instead).
 
     max_len: longest chat in tokens; longer ones are truncated or dropped (`long_chats`).
     limit: stop after this many usable chats.
     """
     reader = chat_reader(specs, strict, dedupe)
-    chats, report = encode_chats(reader.documents(), tokenizer, max_len, long_chats, strict, limit)
+    chats, report = encode_chats(reader.documents(), tokenizer, max_len, long_chats, strict, limit, texts)
     report.duplicates = reader.stats.duplicates_removed
     report.skipped += reader.stats.bad_lines
     report.problems = [f"{where}: not a valid chat record" for where in reader.stats.first_bad_lines] + report.problems
     if not len(chats):
         hint = f" (first problem: {report.problems[0]})" if report.problems else ""
-        raise ChatDataError(f"{', '.join(map(str, specs))}: no usable chats{hint}")
+        raise ChatDataError(f"{', '.join(map(str, specs))}: no usable {'texts' if texts else 'chats'}{hint}")
     return chats, report
 
 
 def encode_chats(documents: Iterable[Document], tokenizer: Tokenizer, max_len: int | None, long_chats: str,
-                 strict: bool, limit: int | None) -> tuple["ChatSet", ChatReadReport]:
-    """Encode chat documents into a ChatSet; text documents and chats without a reply are bad records."""
+                 strict: bool, limit: int | None, texts: bool = False) -> tuple["ChatSet", ChatReadReport]:
+    """Encode chat documents into a ChatSet; text documents and chats without a reply are bad records
+    (with `texts`: text documents, and chats are the bad records)."""
     if long_chats not in ("truncate", "drop"):
         raise ChatDataError(f"--long-chats must be 'truncate' or 'drop', got {long_chats!r}")
     report = ChatReadReport()
@@ -119,7 +124,7 @@ def encode_chats(documents: Iterable[Document], tokenizer: Tokenizer, max_len: i
         if limit is not None and report.chats >= limit:
             break
         try:
-            ids, mask = encode_document(tokenizer, document)
+            ids, mask = encode_text(tokenizer, document) if texts else encode_document(tokenizer, document)
         except ChatFormatError as exc:
             report.note(document.origin, str(exc), strict)
             continue
@@ -141,6 +146,17 @@ def encode_document(tokenizer: Tokenizer, document: Document) -> tuple[list[int]
     if not any(m["role"] == "assistant" for m in document.messages):
         raise ChatFormatError("chat has no assistant turn (nothing to learn from)")
     return encode_for_training(tokenizer, document.messages)
+
+
+def encode_text(tokenizer: Tokenizer, document: Document) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a text document: its text and a blank line, the loss on every token."""
+    if document.messages is not None:
+        raise ChatFormatError('a chat record among texts (expected {"text": ...}; chats go to --data)')
+    text = "".join(document.chunks or ()).strip()
+    if not text:
+        raise ChatFormatError("an empty text record")
+    ids = tokenizer.encode(text + "\n\n", add_bos=True)
+    return ids, [1] * len(ids)
 
 
 def print_read_report(report: ChatReadReport, label: str, stream=sys.stderr) -> None:

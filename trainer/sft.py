@@ -108,6 +108,7 @@ class SFTOptions:
     out: Path  # output folder: checkpoint, or adapter folder with LoRA (without --merge)
     val_data: list[str] | None = None  # chat JSONL files for validation loss
     upsample: list[str] | None = None  # "FILE:N": FILE's chats also trained on, N times per epoch (rare kinds)
+    text_data: list[str] | None = None  # plain text trained on too, loss on every token (continued pretraining)
     lora_rank: int | None = None  # None: full fine-tuning
     lora_alpha: float | None = None  # None: 2 x rank
     lora_dropout: float = 0.0
@@ -312,9 +313,16 @@ def load_chat_sources(options: SFTOptions, tokenizer: Tokenizer, seq_len: int, v
         parts += [extra] * times
         if verbose:
             print_read_report(extra_report, f"upsampled x{times} ({file})")
+    if options.text_data:
+        texts, text_report = read_chats(options.text_data, tokenizer, seq_len + 1, "truncate", options.strict,
+                                        texts=True)
+        parts.append(texts)
+        if verbose:
+            print_read_report(text_report, "text data")
     chats = ChatSet.concatenate(parts) if len(parts) > 1 else chats
     train_data = PackedChatBatches(chats, seq_len, tokenizer.pad_id or 0, seed=options.seed)
     facts = {"data": [str(p) for p in options.data], "upsample": list(options.upsample or []),
+             "text_data": list(options.text_data or []),
              "chats": len(chats), "chat_tokens": chats.num_tokens,
              "assistant_tokens": chats.num_assistant_tokens, "skipped_records": report.skipped,
              "truncated_chats": report.truncated, "dropped_long_chats": report.dropped_long}

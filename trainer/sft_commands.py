@@ -25,6 +25,9 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-data", nargs="+", default=None, help="chat JSONL file(s) for validation loss")
     parser.add_argument("--upsample", nargs="+", default=None, metavar="FILE:N",
                         help="also train on FILE's chats, N times per epoch (a rare kind, e.g. greetings)")
+    parser.add_argument("--text-data", nargs="+", default=None, metavar="PATH",
+                        help="also train on plain text (.txt paragraphs, {\"text\"} JSONL records), loss on every "
+                             "token: continued pretraining mixed into the fine-tune")
     parser.add_argument("--out", required=True, help="output folder (checkpoint, or adapter with --lora-rank)")
     lora = parser.add_argument_group("LoRA (leave out --lora-rank for full fine-tuning)")
     lora.add_argument("--lora-rank", type=int, default=None, help="adapter rank r")
