@@ -6,6 +6,9 @@
 #
 #   scripts/train-default-model.sh ../shared/corpus
 #   WORD_CHATS=20000 MAX_STEPS=400 scripts/train-default-model.sh DATA    # a bigger budget (GPU: DEVICE=cuda)
+#   DICTIONARY_ENTRIES=-1 MAX_STEPS=3000 DEVICE=cuda scripts/train-default-model.sh DATA
+#       # + the whole WordNet dictionary as text (--text-data): the route to the F1 target (README)
+#   RESUME=1 ... continues the fine-tune saved in runs/default/sft (same settings), e.g. across sessions
 #
 # Steps: import the GGUF base as float32; write the fine-tuning mix (scripts/default_model/make_data.py:
 # sampled word chats + the base's own answers to general prompts, so it keeps what it knew); LoRA
@@ -21,25 +24,33 @@ WORD_CHATS=${WORD_CHATS:-6000}
 MAX_STEPS=${MAX_STEPS:-40}
 GENERAL_REPEAT=${GENERAL_REPEAT:-3}
 DEVICE=${DEVICE:-auto}
+DICTIONARY_ENTRIES=${DICTIONARY_ENTRIES:-0}
+RESUME=${RESUME:-0}
 GGUF=$(PYTHON="$PY" scripts/fetch-smollm2.sh weights/gguf)
 for file in wordnet-chat-train.jsonl.gz wordnet-chat-valid.jsonl.gz; do
   [ -f "$DATA/$file" ] || { echo "error: $DATA/$file not found (expected the offline corpus folder)" >&2; exit 1; }
 done
 mkdir -p "$RUNS"
 timed() { local name=$1; shift; local start=$SECONDS; "$@"; echo "{\"$name\": $((SECONDS - start))}" >> "$RUNS/times.jsonl"; }
-: > "$RUNS/times.jsonl"
-
-timed import "${HEARTH[@]}" import-gguf "$GGUF" --out "$RUNS/base-f32" --dtype float32 --overwrite
-timed data "$PY" scripts/default_model/make_data.py "$RUNS/base-f32" --corpus "$DATA" --out "$RUNS" --word-chats "$WORD_CHATS"
+text_data=()
+if [ "$DICTIONARY_ENTRIES" != 0 ]; then text_data=(--text-data "$RUNS/dictionary.jsonl"); fi
+sft_start=(--overwrite)
+if [ "$RESUME" = 1 ]; then sft_start=(--resume); fi
+if [ "$RESUME" != 1 ]; then  # a resumed run keeps its base and data (the trainer checks they are the same)
+  : > "$RUNS/times.jsonl"
+  timed import "${HEARTH[@]}" import-gguf "$GGUF" --out "$RUNS/base-f32" --dtype float32 --overwrite
+  timed data "$PY" scripts/default_model/make_data.py "$RUNS/base-f32" --corpus "$DATA" --out "$RUNS" \
+    --word-chats "$WORD_CHATS" --dictionary-entries "$DICTIONARY_ENTRIES"
+fi
 python_slice() { "$PY" -c 'import gzip, itertools, sys; sys.stdout.writelines(itertools.islice(gzip.open(sys.argv[1], "rt"), int(sys.argv[2])))' "$@"; }
 python_slice "$DATA/wordnet-chat-valid.jsonl.gz" 300 > "$RUNS/valid-300.jsonl"
 
 # LoRA rank 16 on every linear (4.9M trainable of 135M), lr 1e-3 (the LoRA default), rows of 512 tokens,
-# 4096 tokens a step; loss on the assistant replies only.
+# 4096 tokens a step; loss on the assistant replies only (and on every dictionary token, if any).
 timed sft "${HEARTH[@]}" sft --base "$RUNS/base-f32" --data "$RUNS/word-chats.jsonl" --upsample "$RUNS/general.jsonl:$GENERAL_REPEAT" \
   --val-data "$RUNS/valid-300.jsonl" --lora-rank 16 --lora-alpha 32 --seq-len 512 --batch-tokens 4096 \
   --max-steps "$MAX_STEPS" --eval-every "$MAX_STEPS" --save-every 5 --device "$DEVICE" \
-  --out "$RUNS/sft" --log-file "$RUNS/sft.jsonl" --overwrite
+  "${text_data[@]}" --out "$RUNS/sft" --log-file "$RUNS/sft.jsonl" "${sft_start[@]}"
 "$PY" scripts/default_model/ship_adapter.py "$RUNS/sft" --out weights/default-lora
 
 timed build "$PY" scripts/default_model/build.py --gguf "$GGUF" --out weights/default --method int8 --keep-merged "$RUNS/merged-f32"

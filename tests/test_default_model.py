@@ -11,6 +11,7 @@ figure `hearth eval` gave on exactly that slice.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import subprocess
@@ -112,3 +113,18 @@ def test_build_refuses_a_missing_base_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: {tmp_path / 'absent.gguf'}: not found"
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_dictionary_sample_is_seeded_text_records(tmp_path):
+    """make_data.py --dictionary-entries: whole entries as {"text"} records, seeded, blind to any word list."""
+    sys.path.insert(0, str(ROOT / "scripts" / "default_model"))
+    from make_data import sample_dictionary
+
+    entries = [f"word{i}\n(noun)\n1. the meaning of word {i}." for i in range(30)]
+    with gzip.open(tmp_path / "wordnet-dictionary.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("\n\n".join(entries) + "\n")
+    sample = sample_dictionary(tmp_path, 10, seed=0)
+    assert len(sample) == 10 and len({record["text"] for record in sample}) == 10
+    assert all(record["text"] in entries for record in sample)
+    assert sample == sample_dictionary(tmp_path, 10, seed=0) != sample_dictionary(tmp_path, 10, seed=1)
+    assert sorted(record["text"] for record in sample_dictionary(tmp_path, -1, seed=0)) == sorted(entries)
