@@ -1,0 +1,82 @@
+"""Diagnostic, not part of the recipe: does reading a word's dictionary entry during the fine-tune lift the
+F1 of its definition answer? (README, "The default model": the route to the F1 target.)
+
+    python scripts/default_model/dictionary_pilot.py data --corpus ../shared/corpus --chats runs/default/word-chats.jsonl \
+        --general runs/default/general.jsonl --out runs/pilot
+    hearth sft --base runs/default/merged-f32 --data runs/pilot/chats.jsonl --text-data runs/pilot/dictionary.jsonl \
+        --lora-rank 16 --lora-alpha 32 --seq-len 512 --batch-tokens 4096 --epochs 3 --out runs/pilot/sft
+    hearth merge-lora runs/default/merged-f32 runs/pilot/sft --out runs/pilot/merged
+    python scripts/eval_word_answers.py runs/pilot/merged --data ../shared/corpus/wordnet-chat-valid.jsonl.gz \
+        --limit 200 --answers runs/pilot/answers.jsonl
+    python scripts/default_model/dictionary_pilot.py split runs/pilot/answers.jsonl runs/default/f1-default-answers.jsonl
+
+The 200 questions eval_word_answers.py asks (its seed) are split by position: the even ones' words are
+"read" (their dictionary entries are in the text data, shuffled among 900 other random entries), the odd
+ones' are not. The fine-tune also rehearses 500 word chats and the base's general answers, so the answer
+form stays. Because it picks entries by validation word, this is an experiment and never a shipped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval_word_answers import read_chats  # noqa: E402
+
+
+def dictionary_entries(corpus: Path) -> dict[str, str]:
+    with gzip.open(corpus / "wordnet-dictionary.txt.gz", "rt", encoding="utf-8") as handle:
+        entries = [entry.strip() for entry in handle.read().split("\n\n") if entry.strip()]
+    return {entry.split("\n", 1)[0]: entry for entry in entries}
+
+
+def write_data(args: argparse.Namespace) -> None:
+    questions = read_chats(args.corpus / "wordnet-chat-valid.jsonl.gz", "definition", 200, 0)
+    read_words = {chat["word"] for chat in questions[0::2]}
+    asked = read_words | {chat["word"] for chat in questions[1::2]}
+    entries = dictionary_entries(args.corpus)
+    others = [entry for word, entry in entries.items() if word not in asked]
+    random.Random(0).shuffle(others)
+    texts = [entries[word] for word in sorted(read_words) if word in entries] + others[:900]
+    random.Random(1).shuffle(texts)
+    chats = args.chats.read_text(encoding="utf-8").splitlines()
+    random.Random(2).shuffle(chats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dictionary.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (args.out / "chats.jsonl").write_text("\n".join(chats[:500] + args.general.read_text().splitlines()) + "\n")
+    print(json.dumps({"read_words": len(read_words), "text_records": len(texts)}))
+
+
+def split_f1(answers: list[Path]) -> None:
+    for path in answers:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for name, part in (("read", rows[0::2]), ("unread", rows[1::2])):
+            scores = [row["f1"] for row in part]
+            print(json.dumps({"answers": str(path), "words": name, "questions": len(scores),
+                              "mean_f1": round(sum(scores) / len(scores), 3),
+                              "share_f1_at_least_0.5": round(sum(s >= 0.5 for s in scores) / len(scores), 3)}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data")
+    data.add_argument("--corpus", type=Path, required=True)
+    data.add_argument("--chats", type=Path, required=True)
+    data.add_argument("--general", type=Path, required=True)
+    data.add_argument("--out", type=Path, required=True)
+    split = commands.add_parser("split")
+    split.add_argument("answers", type=Path, nargs="+")
+    args = parser.parse_args()
+    write_data(args) if args.command == "data" else split_f1(args.answers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
