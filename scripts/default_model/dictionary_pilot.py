@@ -13,7 +13,8 @@ F1 of its definition answer? (README, "The default model": the route to the F1 t
 The 200 questions eval_word_answers.py asks (its seed) are split by position: the even ones' words are
 "read" (their dictionary entries are in the text data, shuffled among 900 other random entries), the odd
 ones' are not. The fine-tune also rehearses 500 word chats and the base's general answers, so the answer
-form stays. Because it picks entries by validation word, this is an experiment and never a shipped model.
+form stays. The full fine-tune variant in README leaves out --lora-rank (and merge-lora). Because it picks
+entries by validation word, this is an experiment and never a shipped model.
 """
 
 from __future__ import annotations
