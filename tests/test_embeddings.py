@@ -27,12 +27,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
 from server.engine.kv_cache import KVCacheManager
 from server.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from server.engine.types import EmbeddingRequest, GenerationRequest, InvalidRequestError, SamplingParams
 from server.settings import add_settings_arguments, load_settings, settings_from_args
 from tests.conftest import make_tiny_model
+from tests.test_engine import make_engine as engine_with
 from tests.server_fixtures import ollama_client, openai_client, running_server
 
 WORDS = "to be or not to be that is the question whether tis nobler in the mind to suffer".split() * 20
@@ -49,10 +50,8 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 
 
 def make_engine(path, **overrides) -> Engine:
-    options = dict(dtype="float32", max_num_seqs=16, max_num_batched_tokens=48)
-    engine = Engine.from_checkpoint(path, EngineConfig(**{**options, **overrides}))
-    engine.start()
-    return engine
+    """tests/test_engine.py's started fp32 engine, with 48-token steps (prompts span several chunks)."""
+    return engine_with(path, **{"max_num_batched_tokens": 48, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -89,17 +89,21 @@ static void gather_rows(const act_t *x, int64_t ldx, int64_t in, const int64_t *
         for (int64_t k = 0; k < in; k++) xs[i * in + k] = act_to_float(x[rows[i] * ldx + k]);
 }
 
-/* The largest group's rows and the largest rank of the terms `sites` use: the scratch's size. */
-static void scratch_size(const hearth_lora_group *groups, int64_t num_groups, int64_t layer,
-                         const hearth_lora_site *sites, int64_t num_sites, int64_t *max_rows, int64_t *max_rank) {
+/* The largest group's rows and the largest rank of the terms `sites` use (the scratch's size); -2 if a
+ * term's input width is not the matmul's. */
+static int scratch_size(const hearth_lora_group *groups, int64_t num_groups, int64_t layer, int64_t in_features,
+                        const hearth_lora_site *sites, int64_t num_sites, int64_t *max_rows, int64_t *max_rank) {
     *max_rows = 0, *max_rank = 0;
     for (int64_t g = 0; g < num_groups; g++) {
         if (groups[g].num_rows > *max_rows) *max_rows = groups[g].num_rows;
         for (int64_t s = 0; s < num_sites; s++) {
             const hearth_lora_term *term = &groups[g].table[layer * LORA_TARGETS + sites[s].target];
-            if (term->a && term->rank > *max_rank) *max_rank = term->rank;
+            if (!term->a) continue;
+            if (term->in_features != in_features) return -2;
+            if (term->rank > *max_rank) *max_rank = term->rank;
         }
     }
+    return 0;
 }
 
 /* Add every group's deltas for the targets of one matmul (`sites`) of layer `layer` into y.
@@ -108,15 +112,10 @@ static void scratch_size(const hearth_lora_group *groups, int64_t num_groups, in
 int hearth_lora_add(const act_t *x, int64_t ldx, int64_t in_features, act_t *y, int64_t ldy,
                     const hearth_lora_group *groups, int64_t num_groups, int64_t layer,
                     const hearth_lora_site *sites, int64_t num_sites, int num_threads) {
-    if (in_features % 8) return -2;
     int64_t max_rows, max_rank;
-    scratch_size(groups, num_groups, layer, sites, num_sites, &max_rows, &max_rank);
+    if (in_features % 8 || scratch_size(groups, num_groups, layer, in_features, sites, num_sites, &max_rows, &max_rank))
+        return -2;
     if (max_rank == 0) return 0;
-    for (int64_t g = 0; g < num_groups; g++)
-        for (int64_t s = 0; s < num_sites; s++) {
-            const hearth_lora_term *term = &groups[g].table[layer * LORA_TARGETS + sites[s].target];
-            if (term->a && term->in_features != in_features) return -2;
-        }
     float *xs = malloc((size_t)(max_rows * in_features + max_rows * max_rank) * sizeof(float));
     if (!xs) return -1;
     float *t = xs + max_rows * in_features;

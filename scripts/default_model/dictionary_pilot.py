@@ -10,11 +10,15 @@ F1 of its definition answer? (README, "The default model": the route to the F1 t
         --limit 200 --answers runs/pilot/answers.jsonl
     python scripts/default_model/dictionary_pilot.py split runs/pilot/answers.jsonl runs/default/f1-default-answers.jsonl
 
+The full fine-tune variant: `data ... --others 400 --num-chats 300 --out runs/pilot-full`, then the same
+`hearth sft` without the --lora-* options (`--out runs/pilot-full/sft`), and eval_word_answers.py on that
+folder directly (no merge).
+
 The 200 questions eval_word_answers.py asks (its seed) are split by position: the even ones' words are
-"read" (their dictionary entries are in the text data, shuffled among 900 other random entries), the odd
-ones' are not. The fine-tune also rehearses 500 word chats and the base's general answers, so the answer
-form stays. The full fine-tune variant in README leaves out --lora-rank (and merge-lora). Because it picks
-entries by validation word, this is an experiment and never a shipped model.
+"read" (their dictionary entries are in the text data, shuffled among --others random entries), the odd
+ones' are not. The fine-tune also rehearses --num-chats word chats and the base's general answers, so the
+answer form stays. Because it picks entries by validation word, this is an experiment and never a shipped
+model.
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ def write_data(args: argparse.Namespace) -> None:
     entries = dictionary_entries(args.corpus)
     others = [entry for word, entry in entries.items() if word not in asked]
     random.Random(0).shuffle(others)
-    texts = [entries[word] for word in sorted(read_words) if word in entries] + others[:900]
+    texts = [entries[word] for word in sorted(read_words) if word in entries] + others[:args.others]
     random.Random(1).shuffle(texts)
     chats = args.chats.read_text(encoding="utf-8").splitlines()
     random.Random(2).shuffle(chats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dictionary.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (args.out / "chats.jsonl").write_text("\n".join(chats[:500] + args.general.read_text().splitlines()) + "\n")
+    (args.out / "chats.jsonl").write_text("\n".join(chats[:args.num_chats] + args.general.read_text().splitlines()) + "\n")
     print(json.dumps({"read_words": len(read_words), "text_records": len(texts)}))
 
 
@@ -72,6 +76,8 @@ def main() -> int:
     data.add_argument("--chats", type=Path, required=True)
     data.add_argument("--general", type=Path, required=True)
     data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--others", type=int, default=900, help="dictionary entries of words not asked about")
+    data.add_argument("--num-chats", type=int, default=500, help="word chats rehearsed")
     split = commands.add_parser("split")
     split.add_argument("answers", type=Path, nargs="+")
     args = parser.parse_args()
