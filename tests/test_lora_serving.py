@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -430,14 +431,43 @@ def test_load_and_unload_while_serving(lora_server, lora_dirs):
     assert lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"}).status_code == 404
 
 
-def test_unloading_an_adapter_with_a_running_request_is_409(lora_server):
+def test_unloading_an_adapter_with_a_running_request_is_409(lora_server, monkeypatch):
+    """The request's steps are held (the worker waits on an event) while the unload is tried, so it is still
+    running however fast the engine is."""
+    from server.engine.worker import ModelWorker
+
+    entered, release, execute = threading.Event(), threading.Event(), ModelWorker.execute
+
+    def held(worker, output):
+        if any(item.seq.lora is not None and item.seq.lora.name == "busy" for item in output.scheduled):
+            entered.set()
+            release.wait(30)
+        return execute(worker, output)
+
+    monkeypatch.setattr(ModelWorker, "execute", held)
     assert lora_server.post("/v1/load_lora_adapter", json={"lora_name": "busy", "lora_path": "beta"}).status_code == 200
     body = {"model": "busy", "prompt": "to be", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with lora_server.stream("POST", "/v1/completions", json=body) as stream:
-        next(stream.iter_lines())  # the request runs
+    first_line, close = [], threading.Event()
+
+    def stream_then_close():  # on its own client: the answer's headers come with its first token
+        with httpx.Client(base_url=lora_server.base_url, headers=KEY, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as stream:
+                first_line.append(next(stream.iter_lines()))
+                close.wait(30)
+
+    streamer = threading.Thread(target=stream_then_close)
+    streamer.start()
+    try:
+        assert entered.wait(30)  # the request runs, its step held
         refused = lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "busy"})
+        release.set()
         assert refused.status_code == 409 and "busy" in refused.json()["error"]["message"]
         assert complete(lora_server, "busy")  # still served
+    finally:
+        release.set()
+        close.set()
+        streamer.join(60)
+    assert first_line
     for _ in range(200):  # the closed stream's request is aborted within a step
         if lora_server.post("/v1/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200:
             break
