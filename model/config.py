@@ -89,12 +89,17 @@ class ModelConfig:
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return body + (embeddings if include_embeddings else 0)
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6N plus attention scores."""
+    def flops_per_token(self, seq_len: int | None = None, *, adapter_params: int = 0,
+                        trainable_params: int | None = None) -> int:
+        """Training FLOPs per token: forward 2N, input gradients 2N, weight gradients 2 per trainable
+        weight, plus attention scores. Full training is the usual 6N; a frozen base with an adapter
+        (LoRA: `adapter_params` trainable weights on top) skips the base's weight gradients, so it is
+        4N + 6 * adapter. The LM head is counted at every position."""
         seq_len = seq_len or self.max_seq_len
-        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.dim
+        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.dim + adapter_params
+        trainable = matmul_params if trainable_params is None else min(trainable_params, matmul_params)
         attention = 12 * self.n_layers * self.dim * seq_len
-        return 6 * matmul_params + attention
+        return 4 * matmul_params + 2 * trainable + attention
 
 
 # The design table. vocab_size is a placeholder: it comes from the tokenizer.

@@ -339,3 +339,21 @@ def test_loss_at_masked_positions_equals_full_logits_loss(tokenizer, fused):
     torch.testing.assert_close(masked_loss, full_loss, rtol=1e-5, atol=1e-5)
     for masked, full in zip(masked_grads, full_grads):
         torch.testing.assert_close(masked, full, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_flops_count_no_weight_gradients_for_the_frozen_base(capsys, tmp_path, tiny_model_dir):
+    """The MFU a LoRA run reports: forward and input gradients over base + adapter (4 per weight),
+    weight gradients for the adapter only (2 more), so 4N + 6A instead of full training's 6N."""
+    def announced_mflops(out: Path, *extra) -> float:
+        capsys.readouterr()
+        assert hearth("sft", "--base", tiny_model_dir, "--out", out, *RUN, "--max-steps", 1, *extra) == 0
+        return float(capsys.readouterr().err.split(" MFLOPs/token")[0].rsplit(", ", 1)[1])
+
+    full = announced_mflops(tmp_path / "full")
+    lora = announced_mflops(tmp_path / "lora", "--lora-rank", 4)
+    config = load_checkpoint(tiny_model_dir).config
+    weights = config.num_params(include_embeddings=False) + config.vocab_size * config.dim
+    attention = 12 * config.n_layers * config.dim * 128
+    adapter = sum(v.numel() for v in load_file(tmp_path / "lora" / "adapter.safetensors").values())
+    assert full == pytest.approx((6 * weights + attention) / 1e6, abs=0.06)
+    assert lora == pytest.approx((4 * weights + 6 * adapter + attention) / 1e6, abs=0.06)

@@ -411,10 +411,19 @@ class _Runner:
 
     def _mfu(self) -> float | None:
         if self.flops_per_token is None and self.state.seq_len and hasattr(self.model, "config"):
-            self.flops_per_token = float(self.model.config.flops_per_token(self.state.seq_len))
+            self.flops_per_token = self._model_flops_per_token(self.state.seq_len)
         if not self.flops_per_token or not self.peak or not self._tokens_per_s():
             return None
         return self._tokens_per_s() * self.flops_per_token / (self.peak * self.context.world_size)
+
+    def _model_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs a token costs, counting weight gradients only for the weights that train: a
+        LoRA run's frozen base does not compute its own (what keeps its MFU below 100%)."""
+        config = self.model.config
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for _, p in self.trainable)
+        adapter = max(0, total - config.num_params(include_embeddings=True))
+        return float(config.flops_per_token(seq_len, adapter_params=adapter, trainable_params=trainable))
 
     def _postfix(self) -> str:
         parts = [f"loss={self.state.train_loss:.4f}", f"lr={self.schedule.lr_at(self.state.step - 1):.2e}"]
@@ -441,7 +450,7 @@ class _Runner:
         flops = ""
         if hasattr(self.model, "config") and hasattr(self.model.config, "flops_per_token"):
             seq_len = self.run_info.get("seq_len") or self.model.config.max_seq_len
-            self.flops_per_token = float(self.model.config.flops_per_token(seq_len))
+            self.flops_per_token = self._model_flops_per_token(seq_len)
             flops = f", {self.flops_per_token / 1e6:.1f} MFLOPs/token (training)"
         self.log(f"model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable){flops}")
         peak = f"; device peak {self.peak / 1e9:.0f} GFLOP/s ({config.dtype})" if self.peak else ""
