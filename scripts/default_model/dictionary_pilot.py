@@ -14,6 +14,12 @@ The full fine-tune variant: `data ... --others 400 --num-chats 300 --out runs/pi
 `hearth sft` without the --lora-* options (`--out runs/pilot-full/sft`), and eval_word_answers.py on that
 folder directly (no merge).
 
+`seen` asks a related question of the training chats: how many held-out words' first gloss is in some
+training chat's reply already (WordNet gives every lemma of a synset the same gloss, so a synonym's chat
+carries it), and does the model answer those better:
+
+    python scripts/default_model/dictionary_pilot.py seen runs/default/f1-default-answers.jsonl --corpus ../shared/corpus
+
 The 200 questions eval_word_answers.py asks (its seed) are split by position: the even ones' words are
 "read" (their dictionary entries are in the text data, shuffled among --others random entries), the odd
 ones' are not. The fine-tune also rehearses --num-chats word chats and the base's general answers, so the
@@ -27,6 +33,7 @@ import argparse
 import gzip
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -61,11 +68,35 @@ def write_data(args: argparse.Namespace) -> None:
 def split_f1(answers: list[Path]) -> None:
     for path in answers:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        for name, part in (("read", rows[0::2]), ("unread", rows[1::2])):
-            scores = [row["f1"] for row in part]
-            print(json.dumps({"answers": str(path), "words": name, "questions": len(scores),
-                              "mean_f1": round(sum(scores) / len(scores), 3),
-                              "share_f1_at_least_0.5": round(sum(s >= 0.5 for s in scores) / len(scores), 3)}))
+        report(path, "read", rows[0::2])
+        report(path, "unread", rows[1::2])
+
+
+def first_gloss(reference: str) -> str:
+    """The first sense's gloss of a definition answer ('W (pos): gloss. For example: ...' or a numbered list)."""
+    body = re.sub(r"^.*?\(\w[\w ]*\)( has several meanings:\n1\.)?:?", "", reference, count=1, flags=re.S)
+    return body.split("\n", 1)[0].split(" For example", 1)[0].strip().rstrip(".")
+
+
+def training_replies(corpus: Path) -> str:
+    with gzip.open(corpus / "wordnet-chat-train.jsonl.gz", "rt", encoding="utf-8") as handle:
+        chats = map(json.loads, handle)
+        return "\n".join(m["content"] for chat in chats for m in chat["messages"] if m["role"] == "assistant")
+
+
+def split_seen(answers: Path, corpus: Path) -> None:
+    replies = training_replies(corpus)
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    seen = [row for row in rows if first_gloss(row["reference"]) in replies]
+    report(answers, "first gloss in a training chat", seen)
+    report(answers, "first gloss in no training chat", [row for row in rows if row not in seen])
+
+
+def report(path: Path, group: str, rows: list[dict]) -> None:
+    scores = [row["f1"] for row in rows]
+    print(json.dumps({"answers": str(path), "words": group, "questions": len(scores),
+                      "mean_f1": round(sum(scores) / len(scores), 3),
+                      "share_f1_at_least_0.5": round(sum(s >= 0.5 for s in scores) / len(scores), 3)}))
 
 
 def main() -> int:
@@ -80,8 +111,16 @@ def main() -> int:
     data.add_argument("--num-chats", type=int, default=500, help="word chats rehearsed")
     split = commands.add_parser("split")
     split.add_argument("answers", type=Path, nargs="+")
+    seen = commands.add_parser("seen")
+    seen.add_argument("answers", type=Path)
+    seen.add_argument("--corpus", type=Path, required=True)
     args = parser.parse_args()
-    write_data(args) if args.command == "data" else split_f1(args.answers)
+    if args.command == "data":
+        write_data(args)
+    elif args.command == "split":
+        split_f1(args.answers)
+    else:
+        split_seen(args.answers, args.corpus)
     return 0
 
 
