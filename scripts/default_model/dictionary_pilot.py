@@ -87,9 +87,9 @@ def training_replies(corpus: Path) -> str:
 def split_seen(answers: Path, corpus: Path) -> None:
     replies = training_replies(corpus)
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
-    seen = [row for row in rows if first_gloss(row["reference"]) in replies]
-    report(answers, "first gloss in a training chat", seen)
-    report(answers, "first gloss in no training chat", [row for row in rows if row not in seen])
+    seen = [first_gloss(row["reference"]) in replies for row in rows]
+    report(answers, "first gloss in a training chat", [row for row, hit in zip(rows, seen) if hit])
+    report(answers, "first gloss in no training chat", [row for row, hit in zip(rows, seen) if not hit])
 
 
 def report(path: Path, group: str, rows: list[dict]) -> None:

@@ -12,7 +12,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-
 from datetime import datetime, timezone
 from typing import Any
 
